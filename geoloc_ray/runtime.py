@@ -1,0 +1,38 @@
+"""Connecting to Ray: the cluster we run in (a job), an explicit address, or a local instance."""
+
+from __future__ import annotations
+
+import os
+
+from geoloc_ray.config import Config
+
+
+def init_ray(cfg: Config | None = None, **overrides) -> None:
+    """Idempotent `ray.init`. Inside `ray job submit` the job's cluster is found automatically."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    rc = cfg.ray if cfg is not None else None
+    address = overrides.pop("address", None) or (rc.address if rc else None) or os.environ.get("RAY_ADDRESS")
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["num_cpus"] = rc.num_cpus if rc and rc.num_cpus else None
+        kwargs["include_dashboard"] = rc.include_dashboard if rc else False
+        if rc and rc.object_store_memory:
+            kwargs["object_store_memory"] = rc.object_store_memory
+    kwargs.update(overrides)
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    _quiet_data_context()
+
+
+def _quiet_data_context() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    # Small CPU-only clusters: don't let one stage reserve the whole object store.
+    ctx.execution_options.verbose_progress = False
