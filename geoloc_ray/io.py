@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -12,15 +13,24 @@ import fsspec
 
 # Storage options per protocol (e.g. {"s3": {"client_kwargs": {"endpoint_url": ...}}}), set once per process
 # from the config so deep helpers need not thread them through every call.
-_STORAGE_OPTIONS: dict[str, dict[str, Any]] = {}
+# The env var carries them into Ray workers (init_ray puts it in the job's runtime_env).
+STORAGE_ENV = "GEOLOC_STORAGE_OPTIONS"
+_STORAGE_OPTIONS: dict[str, dict[str, Any]] = json.loads(os.environ.get(STORAGE_ENV) or "{}")
 
 
 def set_storage_options(protocol: str, options: dict[str, Any]) -> None:
     _STORAGE_OPTIONS[protocol] = dict(options)
+    os.environ[STORAGE_ENV] = json.dumps(_STORAGE_OPTIONS)
 
 
 def storage_options() -> dict[str, dict[str, Any]]:
     return {k: dict(v) for k, v in _STORAGE_OPTIONS.items()}
+
+
+def use_storage_options(options: dict[str, dict[str, Any]] | None) -> None:
+    """Install options captured in the driver (`storage_options()`) inside a Ray worker."""
+    for proto, opts in (options or {}).items():
+        set_storage_options(proto, opts)
 
 
 def protocol_of(uri: str) -> str:
@@ -169,3 +179,18 @@ def arrow_filesystem(uri: str):
     import pyarrow.fs as pafs
 
     return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem(uri)))
+
+
+def write_dataset_parquet(ds, uri: str) -> None:
+    """Write a Ray Dataset as a parquet folder at `uri`, replacing what was there (a rerun is idempotent)."""
+    if exists(uri):
+        remove(uri)
+    ds.write_parquet(strip_protocol(uri) if not is_local(uri) else uri, filesystem=arrow_filesystem(uri))
+
+
+def read_dataset_parquet(uri: str, **kwargs):
+    """A Ray Dataset over a parquet file or folder, through our fsspec options for remote URIs."""
+    import ray.data
+
+    path = strip_protocol(uri) if not is_local(uri) else uri
+    return ray.data.read_parquet(path, filesystem=arrow_filesystem(uri), **kwargs)

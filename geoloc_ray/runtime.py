@@ -16,7 +16,7 @@ def init_ray(cfg: Config | None = None, **overrides) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     rc = cfg.ray if cfg is not None else None
     address = overrides.pop("address", None) or (rc.address if rc else None) or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True, "runtime_env": _runtime_env()}
     if address:
         kwargs["address"] = address
     else:
@@ -27,6 +27,16 @@ def init_ray(cfg: Config | None = None, **overrides) -> None:
     kwargs.update(overrides)
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})
     _quiet_data_context()
+
+
+def _runtime_env() -> dict:
+    """Env vars every worker of this job needs: storage options (s3 endpoint...) and offline model hub."""
+    from geoloc_ray.io import STORAGE_ENV
+
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "RAY_USAGE_STATS_ENABLED": "0"}
+    if os.environ.get(STORAGE_ENV):
+        env[STORAGE_ENV] = os.environ[STORAGE_ENV]
+    return {"env_vars": env}
 
 
 def _quiet_data_context() -> None:

@@ -1,0 +1,1 @@
+"""Preprocessing: text cleaning and sentence filtering, image checks, the prepare stage."""

@@ -1,0 +1,51 @@
+"""Test helpers shared by several test files."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_jpeg(path: Path, color=(200, 40, 40), size: int = 32) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path, "JPEG")
+
+
+def make_geotext_corpus(root: Path, *, corrupt: bool = True, malformed: bool = True) -> dict:
+    """A minimal University-1652-style corpus: 2 train + 1 test location, 3 platforms each."""
+    train, test = [], []
+    long_caption = (
+        "The building has a red gabled roof. Its facade is cream with many small windows. "
+        "To the north of the building there is a lake. A road runs on the left side. It is a tall building."
+    )
+    for split, locs, out in (("train", ["0001", "0002"], train), ("test", ["0003"], test)):
+        for loc in locs:
+            for name in (f"{loc}.jpg", "image-01.jpeg", "street-01.jpg"):
+                write_jpeg(root / "images" / split / loc / name)
+                rec = {"image_id": f"{loc}/{name}", "image": f"{split}/{loc}/{name}", "sentences": [],
+                       "bboxes": [[0.5, 0.5, 0.4, 0.4]]}
+                rec["caption"] = long_caption if split == "train" else [f"a red roof at {loc} seen from above"]
+                out.append(rec)
+    if corrupt:
+        bad = root / "images" / "train" / "0002" / "image-02.jpeg"
+        bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+        train.append({"image_id": "0002/image-02.jpeg", "image": "train/0002/image-02.jpeg",
+                      "caption": long_caption, "sentences": [], "bboxes": []})
+        train.append({"image_id": "0002/image-03.jpeg", "image": "train/0002/image-03.jpeg",
+                      "caption": long_caption, "sentences": [], "bboxes": []})  # missing file
+    if malformed:
+        train.append({"image_id": "0001/image-09.jpeg", "caption": 42})  # no 'image', caption not text
+    (root / "train.json").write_text(json.dumps(train, indent=1))
+    (root / "test.json").write_text(json.dumps(test, indent=1))
+    coords = {loc: {"lat": 30.0 + i, "lon": 120.0 + i} for i, loc in enumerate(["0001", "0002", "0003"])}
+    (root / "locations.json").write_text(json.dumps(coords))
+    return {"train": train, "test": test}
