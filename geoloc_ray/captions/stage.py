@@ -1,0 +1,105 @@
+"""The refine stage: prepared/train.parquet -> refined/train.parquet (+ cache, + summary.json) on Ray Data."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from geoloc_ray import io
+from geoloc_ray.captions.cache import compact_cache
+from geoloc_ray.captions.refiner import STAT_COLUMNS, Refiner, RefineSettings, settings_from_config
+from geoloc_ray.captions.rules import DROP_REASONS
+from geoloc_ray.captions.validate import REJECTION_REASONS
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED_EMPTY = 50  # the summary names at most this many rows left without a visible statement
+
+
+def refine_paths(artifacts: str) -> dict[str, str]:
+    return {
+        "input": io.join(artifacts, "prepared", "train.parquet"),
+        "output": io.join(artifacts, "refined", "train.parquet"),
+        "cache": io.join(artifacts, "refined", "cache"),
+        "summary": io.join(artifacts, "refined", "summary.json"),
+    }
+
+
+def _refine_dataset(ds, settings: RefineSettings, cfg):
+    import ray.data
+
+    rc = cfg.refine
+    if settings.backend == "vllm":
+        from geoloc_ray.captions.vllm_backend import check_gpus, refine_with_vllm
+
+        check_gpus(rc.vllm.tensor_parallel_size)
+        return refine_with_vllm(ds, settings, rc)
+    gpu = {"num_gpus": rc.actor_num_gpus} if rc.actor_num_gpus > 0 else {}
+    return ds.map_batches(
+        Refiner,
+        fn_constructor_kwargs={"settings": settings},
+        batch_size=rc.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
+        num_cpus=rc.actor_num_cpus,  # fractional: whole-CPU actors starve the read tasks on small machines
+        **gpu,
+    )
+
+
+def summarize(stats, settings: RefineSettings, seconds: float = 0.0) -> dict[str, Any]:
+    """Counts from the per-row stat columns (a pandas DataFrame with image_id, platform and STAT_COLUMNS)."""
+    n = len(stats)
+    hits = int(stats["refine_cache_hit"].sum()) if n else 0
+    empty = stats[stats["refine_source"] == "empty"]["image_id"].tolist() if n else []
+    per_platform = {}
+    for platform, g in (stats.groupby("platform") if n else []):
+        per_platform[platform] = {"rows": len(g), "statements_in": int(g["refine_n_in"].sum()),
+                                  "statements_out": int(g["refine_n_out"].sum())}
+    return {
+        "backend": settings.backend,
+        "model": settings.model_id,
+        "prompt": settings.prompt_id,
+        "rows": n,
+        "statements_in": int(stats["refine_n_in"].sum()) if n else 0,
+        "statements_out": int(stats["refine_n_out"].sum()) if n else 0,
+        "cache": {"hits": hits, "misses": n - hits},
+        "rejections": {r: int((stats["refine_rejection"] == r).sum()) if n else 0 for r in REJECTION_REASONS},
+        "rows_by_source": {s: int((stats["refine_source"] == s).sum()) if n else 0
+                           for s in ("llm", "rules", "original", "empty")},
+        "rules_dropped": {r: int(stats[f"refine_drop_{r}"].sum()) if n else 0 for r in DROP_REASONS},
+        "empty_rows": {"count": len(empty), "image_ids": empty[:MAX_LISTED_EMPTY]},
+        "per_platform": per_platform,
+        "seconds": round(seconds, 2),
+    }
+
+
+def run_refine(cfg) -> dict[str, Any]:
+    """Refine prepared/train for each image's platform; returns the summary, also written as summary.json."""
+    import ray.data
+
+    from geoloc_ray.runtime import init_ray
+
+    start = time.time()
+    paths = refine_paths(cfg.artifacts)
+    if not io.exists(paths["input"]):
+        raise FileNotFoundError(f"{paths['input']} not found: run `geoloc-ray prepare` first")
+    settings = settings_from_config(cfg)
+    init_ray(cfg)
+    ds = ray.data.read_parquet(paths["input"], filesystem=io.arrow_filesystem(paths["input"]))
+    columns = [c for c in ds.columns() if c != "texts_original"]
+    missing = {"image_id", "platform", "texts"} - set(columns)
+    if missing:
+        raise ValueError(f"{paths['input']} lacks column(s) {sorted(missing)}")
+    refined = _refine_dataset(ds, settings, cfg).materialize()
+    stats = refined.select_columns(["image_id", "platform", *STAT_COLUMNS]).to_pandas()
+    io.remove(paths["output"])  # a rerun replaces the output; the cache is kept
+    refined.select_columns([*columns, "texts_original"]).write_parquet(
+        paths["output"], filesystem=io.arrow_filesystem(paths["output"])
+    )
+    entries = compact_cache(paths["cache"])
+    summary = {**summarize(stats, settings, time.time() - start), "output": paths["output"],
+               "cache_dir": paths["cache"], "cache_entries": entries}
+    io.write_json(paths["summary"], summary)
+    log.info("refine: %d rows, cache %s, rejections %s", summary["rows"], summary["cache"], summary["rejections"])
+    return summary
