@@ -1,0 +1,179 @@
+"""Checkpoints: `model.safetensors` + `manifest.json` under any fsspec URI (local or s3://).
+
+The frozen pretrained text trunk is not duplicated in every checkpoint (BGE-M3's is ~2 GB): the manifest
+references its source (the config's text tower) and a sha256 of its tensors, and loading rebuilds it from the
+source through the factory and refuses a trunk whose tensors differ. Everything else (image trunk, heads, gate)
+is stored. `model_version` is derived from the weights' sha256 (and the text trunk's, when referenced).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+from importlib import metadata
+from typing import Any
+
+import torch
+
+from geoloc_ray import io
+from geoloc_ray.config import Config, ModelConfig
+from geoloc_ray.model.geoloc_model import GeoLocModel
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT = "geoloc_ray.model/v1"
+_TEXT_TRUNK = "text_trunk."
+_PACKAGES = ("torch", "transformers", "open_clip_torch", "timm", "safetensors", "FlagEmbedding", "geoloc_ray")
+
+
+class ChecksumError(ValueError):
+    """A checkpoint's bytes (or its referenced trunk) are not what its manifest says."""
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Content hash of named tensors (names, dtypes, shapes and bytes), independent of file layout."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _split_state(model: GeoLocModel, reference_text_trunk: bool) -> tuple[dict, dict]:
+    stored, trunk = {}, {}
+    for name, t in model.state_dict().items():
+        target = trunk if (reference_text_trunk and name.startswith(_TEXT_TRUNK)) else stored
+        target[name] = t.detach().to("cpu").contiguous()
+    return stored, trunk
+
+
+def _model_version(weights_sha: str, trunk_sha: str | None) -> str:
+    if trunk_sha is None:
+        return weights_sha[:16]
+    return hashlib.sha256(f"{weights_sha}:{trunk_sha}".encode()).hexdigest()[:16]
+
+
+def save_model(model: GeoLocModel, uri: str, cfg: Config | ModelConfig | None = None,
+               extra: dict[str, Any] | None = None, *, reference_text_trunk: bool = True) -> dict:
+    """Write weights then manifest (the manifest is written last: its presence marks a complete checkpoint).
+
+    The architecture recorded is the model's own `model_cfg` (the weights fit it); `cfg` is accepted for
+    symmetry with the stage code (a mismatch is logged). `extra` is free-form provenance.
+    """
+    from safetensors.torch import save
+
+    given = cfg.model if isinstance(cfg, Config) else cfg
+    if given is not None and given.model_dump() != model.model_cfg.model_dump():
+        # The weights fit model.model_cfg, which is what the manifest records; say so rather than fail a run.
+        logger.warning("save_model(%s): cfg.model differs from the saved model's own config; recording the latter", uri)
+    stored, trunk = _split_state(model, reference_text_trunk)
+    data = save(stored, metadata={"format": "pt"})
+    weights_sha = hashlib.sha256(data).hexdigest()
+    trunk_sha = tensors_sha256(trunk) if trunk else None
+    manifest = {
+        "format": FORMAT,
+        "model_version": _model_version(weights_sha, trunk_sha),
+        "model_config": model.model_cfg.model_dump(mode="json"),
+        "heads": model.head_names,
+        "gate": model.gate is not None,
+        "platforms": model.platforms,
+        "embed_dim": model.model_cfg.embed_dim,
+        "preprocess": model.preprocess_cfg,
+        "weights": {"file": WEIGHTS_FILE, "sha256": weights_sha, "bytes": len(data), "tensors": len(stored)},
+        "text_trunk": {"stored": trunk_sha is None, "source": model.model_cfg.text.model_dump(mode="json"),
+                       "sha256": trunk_sha},
+        "parameters": {k: v for k, v in model.parameter_counts().items() if k != "heads"},
+        "versions": package_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+    }
+    io.makedirs(uri)
+    io.write_bytes(io.join(uri, WEIGHTS_FILE), data)
+    io.write_json(io.join(uri, MANIFEST_FILE), manifest)
+    return manifest
+
+
+def read_manifest(uri: str) -> dict:
+    """The manifest alone (cheap: no weights read), e.g. to get `model_version` or the preprocessing."""
+    manifest = io.read_json(io.join(uri, MANIFEST_FILE))
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{uri}: not a geoloc_ray model checkpoint (format {manifest.get('format')!r})")
+    return manifest
+
+
+def _read_weights(uri: str, manifest: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    data = io.read_bytes(io.join(uri, manifest["weights"]["file"]))
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != manifest["weights"]["sha256"]:
+        raise ChecksumError(f"{uri}: weights sha256 {sha[:12]}.. != manifest {manifest['weights']['sha256'][:12]}..")
+    return load(data)
+
+
+def _check_text_trunk(model: GeoLocModel, manifest: dict, uri: str) -> None:
+    expected = manifest["text_trunk"]["sha256"]
+    if expected is None:
+        return
+    got = tensors_sha256({f"{_TEXT_TRUNK}{k}": v for k, v in model.text_trunk.state_dict().items()})
+    if got != expected:
+        raise ChecksumError(f"{uri}: the text trunk rebuilt from {manifest['text_trunk']['source']['path']!r} "
+                            f"differs from the one this checkpoint was trained with")
+
+
+def load_model(uri: str, device: str | torch.device = "cpu") -> GeoLocModel:
+    """Rebuild through the factory, load the stored weights (sha256-verified) and check the text trunk."""
+    from geoloc_ray.model.factory import build_model
+
+    manifest = read_manifest(uri)
+    state = _read_weights(uri, manifest)
+    cfg = ModelConfig.model_validate(manifest["model_config"])
+    model = build_model(cfg, heads=manifest["heads"], gate=manifest["gate"], image_pretrained=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    referenced = manifest["text_trunk"]["sha256"] is not None
+    missing = [k for k in missing if not (referenced and k.startswith(_TEXT_TRUNK))]
+    if missing or unexpected:
+        raise ValueError(f"{uri}: weights do not match the architecture: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    _check_text_trunk(model, manifest, uri)
+    model.preprocess_cfg = dict(manifest.get("preprocess") or model.preprocess_cfg)
+    model.manifest = manifest
+    return model.to(device)
+
+
+def _check_same_trunks(a: GeoLocModel, b: GeoLocModel) -> None:
+    if a.model_cfg.model_dump() != b.model_cfg.model_dump():
+        raise ValueError("copy_head: the two models are built from different model configs")
+    sa, sb = a.image_trunk.state_dict(), b.image_trunk.state_dict()
+    if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa):
+        raise ValueError("copy_head: the two models' image trunks differ; a head only fits the trunk it was trained on")
+
+
+def copy_head(model: GeoLocModel, src: str, dst: str, source_model: GeoLocModel | None = None) -> None:
+    """dst := a copy of head src, from `model` itself or from another model sharing its trunks.
+
+    Experts start as copies of the aligned head; the MoE model is assembled from the experts' checkpoints.
+    """
+    import copy
+
+    if source_model is None or source_model is model:
+        model.copy_head(src, dst)
+        return
+    _check_same_trunks(model, source_model)
+    if src not in source_model.heads:
+        raise KeyError(f"no head {src!r} in the source model; heads are {source_model.head_names}")
+    model.heads[dst] = copy.deepcopy(source_model.heads[src]).to(model.device)
