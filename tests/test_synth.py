@@ -255,3 +255,25 @@ def test_contact_sheet_is_a_png(world, tmp_path):
     path = contact_sheet(str(out), "0001", str(tmp_path / "sheet.png"))
     with Image.open(io.BytesIO(Path(path).read_bytes())) as img:
         assert img.format == "PNG" and img.width > 2 * KW["image_size"]
+
+
+def test_writes_through_fsspec_uris():
+    from geoloc_ray import io as gio
+
+    out = "memory://synth-test/world"
+    summary = synth_world(out, 3, seed=1, **{**KW, "drone_views": 1, "ground_views": 1})
+    train = gio.read_json(f"{out}/train.json")
+    test = gio.read_json(f"{out}/test.json")
+    assert len(train) + len(test) == 3 * 3 == sum(summary["images"].values())
+    for r in train + test:
+        with Image.open(io.BytesIO(gio.read_bytes(f"{out}/images/{r['image']}"))) as img:
+            assert img.size == (KW["image_size"],) * 2
+    gio.remove("memory://synth-test")
+
+
+def test_rewriting_a_smaller_world_leaves_no_stale_images(tmp_path):
+    small = {**KW, "drone_views": 1, "ground_views": 1}
+    synth_world(str(tmp_path), 8, seed=1, **small)
+    synth_world(str(tmp_path), 3, seed=1, **small)
+    folders = {p.name for split in ("train", "test") for p in (tmp_path / "images" / split).glob("*")}
+    assert folders == set(json.loads((tmp_path / "locations.json").read_text()))

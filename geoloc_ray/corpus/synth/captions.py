@@ -108,7 +108,7 @@ def _directional_sentence(loc: Location, name: str, rng: np.random.Generator) ->
     np_, plural = surrounding_np(loc, name, rng)
     where = pick(rng, _DIRECTIONS[loc.sides[name]])
     be = "are" if plural else "is"
-    if name in ("road", "water") and rng.random() < 0.4:
+    if name in ("road", "water") and rng.random() < 0.4 and not where.startswith("at the"):
         verb = "runs" if name == "road" or loc.water == "river" else "lies"
         return f"{capitalise(np_)} {verb} {where}."
     template = pick(rng, ("{W} there {be} {x}.", "{X} can be seen {w}.", "There {be} {x} {w}."))

@@ -52,8 +52,7 @@ def _choose(loc: Location, platform: str, rng: np.random.Generator) -> list[str]
     elif platform == "ground":
         primary = ["facade"]
     else:
-        primary = [pick(rng, (["roof_colour"], ["facade"], ["roof_colour", "facade"]))]
-        primary = primary[0]
+        primary = [["roof_colour"], ["facade"], ["roof_colour", "facade"]][int(rng.integers(3))]
     rest = [a for a in visible if a not in primary]
     k = int(rng.integers(2, 5)) - len(primary)
     k = max(0, min(k, len(rest)))

@@ -62,16 +62,16 @@ class Scene:
     wings: int = 1  # the first `wings` boxes are the building
 
 
-def side_rect(side: str, off0: float, off1: float, s0: float, s1: float) -> np.ndarray:
-    """Rectangle on a side of the building: `off` outward from the centre, `s` along the side."""
-    n = np.array(_SIDE_VEC[side], dtype=float)
-    t = np.array([n[1], -n[0]])
-    return np.array([n * a + t * b for a, b in ((off0, s0), (off1, s0), (off1, s1), (off0, s1))])
-
-
 def _side_frame(side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Outward normal and tangent of a side of the building."""
     n = np.array(_SIDE_VEC[side], dtype=float)
     return n, np.array([n[1], -n[0]])
+
+
+def side_rect(side: str, off0: float, off1: float, s0: float, s1: float) -> np.ndarray:
+    """Rectangle on a side of the building: `off` outward from the centre, `s` along the side."""
+    n, t = _side_frame(side)
+    return np.array([n * a + t * b for a, b in ((off0, s0), (off1, s0), (off1, s1), (off0, s1))])
 
 
 def footprint_rects(loc: Location, rng: np.random.Generator) -> list[tuple[float, float, float, float]]:
@@ -143,14 +143,14 @@ def _parking(side: str, rng: np.random.Generator) -> list[Shape]:
     length, depth = rng.uniform(0.7, 0.9), 0.36
     shapes = [Shape(side_rect(side, off0, off0 + depth, s0, s0 + length), (96, 96, 102))]
     stall = 0.075
-    for row, (a0, a1) in enumerate(((off0 + 0.02, off0 + 0.16), (off0 + 0.2, off0 + 0.34))):
-        for k in range(int(length / stall) + 1):
+    stalls = int(length / stall)
+    for a0, a1 in ((off0 + 0.02, off0 + 0.16), (off0 + 0.2, off0 + 0.34)):  # two rows of stalls
+        for k in range(stalls + 1):
             s = s0 + 0.02 + k * stall
             shapes.append(Shape(np.array([n * a0 + t * s, n * a1 + t * s]), (236, 236, 236), width=0.008))
-            if k < int(length / stall) and rng.random() < 0.6:
+            if k < stalls and rng.random() < 0.6:
                 car = side_rect(side, a0 + 0.015, a1 - 0.015, s + 0.014, s + stall - 0.014)
                 shapes.append(Shape(car, _CAR_COLOURS[int(rng.integers(len(_CAR_COLOURS)))]))
-        del row
     return shapes
 
 
