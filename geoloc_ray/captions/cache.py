@@ -31,7 +31,7 @@ def _new_shard_name() -> str:
 
 
 def write_shard(cache_uri: str, entries: list[dict[str, Any]]) -> str | None:
-    """Write entries as a new shard; locally via a hidden temp file and a rename, so readers never see half."""
+    """Write entries as a new shard; locally through a temp file and a rename, so no reader sees half."""
     if not entries:
         return None
     name = _new_shard_name()
@@ -88,7 +88,7 @@ class RefineCache:
 
 
 def compact_cache(cache_uri: str) -> int:
-    """Merge the shards into one; safe beside writers, as only the shards it read are removed. Returns entries."""
+    """Merge the shards into one (safe beside writers: only shards it read are removed); returns the count."""
     shards = shard_uris(cache_uri)
     if len(shards) <= 1:
         return sum(len(_read_shard(s)) for s in shards)

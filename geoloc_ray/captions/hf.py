@@ -15,7 +15,9 @@ def _load_tokenizer(model_path: str):
     tok = AutoTokenizer.from_pretrained(model_path)
     # transformers 5 loads a folder without tokenizer files as an empty tokenizer instead of failing.
     if len(tok) == 0:
-        raise ValueError(f"refine.model {model_path!r}: the tokenizer has an empty vocabulary (no tokenizer files?)")
+        raise ValueError(
+            f"refine.model {model_path!r}: the tokenizer has an empty vocabulary (no tokenizer files?)"
+        )
     if tok.pad_token_id is None:
         if tok.eos_token is None:
             raise ValueError(f"refine.model {model_path!r}: the tokenizer has neither a pad nor an eos token")
@@ -35,7 +37,9 @@ def _device(num_gpus: float) -> str:
 class TransformersGenerator:
     """Greedy generation with a local causal LM; the chat template is used when the tokenizer has one."""
 
-    def __init__(self, model_path: str, max_new_tokens: int = 64, batch_size: int = 16, num_gpus: float = 0.0):
+    def __init__(
+        self, model_path: str, max_new_tokens: int = 64, batch_size: int = 16, num_gpus: float = 0.0
+    ):
         import torch
         from transformers import AutoModelForCausalLM
 

@@ -69,9 +69,13 @@ def plain_prompt(messages: list[dict[str, str]]) -> str:
     return "\n\n".join(m["content"] for m in messages) + "\n"
 
 
-_BULLET = re.compile(r"^\s*(?:[-*\u2022\u00b7\u2013\u2014>]+|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)](?=\s)|statement\s*\d*\s*:)\s*",
-                     re.IGNORECASE)
-_PREAMBLE = re.compile(r"^(?:here (?:are|is)|sure\b|okay\b|rewritten statements?\b|statements?\b.*:$)", re.IGNORECASE)
+_BULLET = re.compile(
+    r"^\s*(?:[-*\u2022\u00b7\u2013\u2014>]+|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)](?=\s)|statement\s*\d*\s*:)\s*",
+    re.IGNORECASE,
+)
+_PREAMBLE = re.compile(
+    r"^(?:here (?:are|is)|sure\b|okay\b|rewritten statements?\b|statements?\b.*:$)", re.IGNORECASE
+)
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019"
 
 
@@ -83,7 +87,7 @@ def _strip_line(line: str) -> str:
 
 
 def parse_output(text: str) -> list[str]:
-    """LLM answer -> statements: one per line, numbering/bullets/quotes and preambles stripped, deduplicated."""
+    """LLM answer -> statements, one per line; numbering, bullets, quotes, preambles and repeats removed."""
     out: list[str] = []
     seen: set[str] = set()
     for line in re.split(r"[\r\n]+", text or ""):

@@ -16,7 +16,11 @@ from geoloc_ray.captions.vocabulary import Vocabulary, load_vocabulary
 
 # Per-row bookkeeping columns added by the refiner; the stage sums them into the summary, then drops them.
 STAT_COLUMNS: tuple[str, ...] = (
-    "refine_source", "refine_cache_hit", "refine_rejection", "refine_n_in", "refine_n_out",
+    "refine_source",
+    "refine_cache_hit",
+    "refine_rejection",
+    "refine_n_in",
+    "refine_n_out",
     *(f"refine_drop_{r}" for r in DROP_REASONS),
 )
 _SOURCE_OF_STATUS = {"ok": "rules", "original": "original", "empty": "empty"}
@@ -68,9 +72,15 @@ def settings_from_config(cfg) -> RefineSettings:
     if rc.backend != "rules":
         prompt_template(rc.prompt_version)  # fail on an unknown version before any work starts
     return RefineSettings(
-        backend=rc.backend, vocabulary=vocab, cache_uri=io.join(cfg.artifacts, "refined", "cache"),
-        prompt_version=rc.prompt_version, model=model, max_new_tokens=rc.max_new_tokens,
-        max_output_words=rc.max_output_words, batch_size=rc.batch_size, num_gpus=rc.actor_num_gpus,
+        backend=rc.backend,
+        vocabulary=vocab,
+        cache_uri=io.join(cfg.artifacts, "refined", "cache"),
+        prompt_version=rc.prompt_version,
+        model=model,
+        max_new_tokens=rc.max_new_tokens,
+        max_output_words=rc.max_output_words,
+        batch_size=rc.batch_size,
+        num_gpus=rc.actor_num_gpus,
         storage_options=io.storage_options(),
     )
 
@@ -89,17 +99,30 @@ def rules_entry(key: str, texts: list[str], platform: str, s: RefineSettings) ->
     return make_entry(key, texts, platform, s, "\n".join(r.texts), {"status": r.status, "dropped": r.dropped})
 
 
-def make_entry(key, texts, platform, s: RefineSettings, output: str, meta: dict | None = None) -> dict[str, Any]:
-    return {"key": key, "texts": list(texts), "platform": platform, "prompt": s.prompt_id,
-            "model": s.model_id, "output": output, "meta": meta or {}}
+def make_entry(
+    key, texts, platform, s: RefineSettings, output: str, meta: dict | None = None
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "texts": list(texts),
+        "platform": platform,
+        "prompt": s.prompt_id,
+        "model": s.model_id,
+        "output": output,
+        "meta": meta or {},
+    }
 
 
-def finalize(texts: list[str], platform: str, entry: dict[str, Any], hit: bool, s: RefineSettings) -> RowOutcome:
+def finalize(
+    texts: list[str], platform: str, entry: dict[str, Any], hit: bool, s: RefineSettings
+) -> RowOutcome:
     """Turn a cache entry into the row's refined texts; LLM output is validated, a rejection falls back."""
     if s.backend == "rules":
         meta = entry.get("meta", {})
         out = [t for t in entry["output"].split("\n") if t]
-        return RowOutcome(out, _SOURCE_OF_STATUS[meta.get("status", "ok")], hit, "", dict(meta.get("dropped", {})))
+        return RowOutcome(
+            out, _SOURCE_OF_STATUS[meta.get("status", "ok")], hit, "", dict(meta.get("dropped", {}))
+        )
     parsed = parse_output(entry["output"])
     reason = validate_output(parsed, texts, s.vocabulary, s.max_output_words)
     if reason is None:
@@ -120,7 +143,10 @@ class RowRefiner:
         self.cache.load()
 
     def refine(self, texts_list: list[list[str]], platforms: list[str]) -> list[RowOutcome]:
-        keys = [cache_key(t, p, self.s.prompt_id, self.s.model_id) for t, p in zip(texts_list, platforms, strict=True)]
+        keys = [
+            cache_key(t, p, self.s.prompt_id, self.s.model_id)
+            for t, p in zip(texts_list, platforms, strict=True)
+        ]
         hits = [self.cache.get(k) is not None for k in keys]
         todo: dict[str, int] = {}  # each missing key computed once, even if repeated in the batch
         for i, k in enumerate(keys):
@@ -129,16 +155,20 @@ class RowRefiner:
         if todo:
             self._compute([(k, texts_list[i], platforms[i]) for k, i in todo.items()])
             self.cache.flush()  # one new shard per batch: a killed job loses only its in-flight batch
-        return [finalize(t, p, self.cache.get(k), h, self.s)
-                for t, p, k, h in zip(texts_list, platforms, keys, hits, strict=True)]
+        return [
+            finalize(t, p, self.cache.get(k), h, self.s)
+            for t, p, k, h in zip(texts_list, platforms, keys, hits, strict=True)
+        ]
 
     def _compute(self, rows: list[tuple[str, list[str], str]]) -> None:
         if self.s.backend == "rules":
             for key, texts, platform in rows:
                 self.cache.put(rules_entry(key, texts, platform, self.s))
             return
-        conversations = [build_messages(t, p, self.s.vocabulary, self.s.prompt_version, self.s.prompt_words)
-                         for _, t, p in rows]
+        conversations = [
+            build_messages(t, p, self.s.vocabulary, self.s.prompt_version, self.s.prompt_words)
+            for _, t, p in rows
+        ]
         for (key, texts, platform), answer in zip(rows, self.generate(conversations), strict=True):
             self.cache.put(make_entry(key, texts, platform, self.s, answer))
 
@@ -156,7 +186,10 @@ def attach_outcomes(batch, outcomes: list[RowOutcome]):
         "refine_rejection": pa.array([o.rejection for o in outcomes], pa.string()),
         "refine_n_in": pa.array([len(t or []) for t in batch.column("texts").to_pylist()], pa.int64()),
         "refine_n_out": pa.array([len(o.texts) for o in outcomes], pa.int64()),
-        **{f"refine_drop_{r}": pa.array([o.dropped.get(r, 0) for o in outcomes], pa.int64()) for r in DROP_REASONS},
+        **{
+            f"refine_drop_{r}": pa.array([o.dropped.get(r, 0) for o in outcomes], pa.int64())
+            for r in DROP_REASONS
+        },
     }
     out = batch.drop_columns([c for c in cols if c in batch.column_names])
     for name, arr in cols.items():
@@ -180,10 +213,14 @@ class Refiner:
         if settings.backend == "transformers":
             from geoloc_ray.captions.hf import TransformersGenerator
 
-            gen = TransformersGenerator(settings.model, settings.max_new_tokens, settings.batch_size, settings.num_gpus)
+            gen = TransformersGenerator(
+                settings.model, settings.max_new_tokens, settings.batch_size, settings.num_gpus
+            )
             generate = gen.generate
         elif settings.backend != "rules":
-            raise ValueError(f"backend {settings.backend!r} does not run in the actor pool (vllm has its own stage)")
+            raise ValueError(
+                f"backend {settings.backend!r} does not run in the actor pool (vllm has its own stage)"
+            )
         self.core = RowRefiner(settings, generate)
 
     def __call__(self, batch):

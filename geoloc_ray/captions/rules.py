@@ -1,4 +1,4 @@
-"""The rules refiner (the embedded default): keep what the platform can see, phrase it in that platform's style.
+"""The rules refiner (the embedded default): keep what the platform can see, phrased in its style.
 
 Deterministic and cheap, it is also the fallback for every rejected LLM output.
 """
@@ -18,7 +18,7 @@ DROP_REASONS: tuple[str, ...] = ("invisible", "filler", "directional", "duplicat
 
 @dataclass
 class RuleResult:
-    """Refined statements; status: ok (refined), original (fell back to originals) or empty (nothing visible)."""
+    """Refined statements; status: ok, original (fell back to the originals) or empty (nothing visible)."""
 
     texts: list[str]
     status: str

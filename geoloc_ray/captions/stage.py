@@ -53,9 +53,12 @@ def summarize(stats, settings: RefineSettings, seconds: float = 0.0) -> dict[str
     hits = int(stats["refine_cache_hit"].sum()) if n else 0
     empty = stats[stats["refine_source"] == "empty"]["image_id"].tolist() if n else []
     per_platform = {}
-    for platform, g in (stats.groupby("platform") if n else []):
-        per_platform[platform] = {"rows": len(g), "statements_in": int(g["refine_n_in"].sum()),
-                                  "statements_out": int(g["refine_n_out"].sum())}
+    for platform, g in stats.groupby("platform") if n else []:
+        per_platform[platform] = {
+            "rows": len(g),
+            "statements_in": int(g["refine_n_in"].sum()),
+            "statements_out": int(g["refine_n_out"].sum()),
+        }
     return {
         "backend": settings.backend,
         "model": settings.model_id,
@@ -65,8 +68,10 @@ def summarize(stats, settings: RefineSettings, seconds: float = 0.0) -> dict[str
         "statements_out": int(stats["refine_n_out"].sum()) if n else 0,
         "cache": {"hits": hits, "misses": n - hits},
         "rejections": {r: int((stats["refine_rejection"] == r).sum()) if n else 0 for r in REJECTION_REASONS},
-        "rows_by_source": {s: int((stats["refine_source"] == s).sum()) if n else 0
-                           for s in ("llm", "rules", "original", "empty")},
+        "rows_by_source": {
+            s: int((stats["refine_source"] == s).sum()) if n else 0
+            for s in ("llm", "rules", "original", "empty")
+        },
         "rules_dropped": {r: int(stats[f"refine_drop_{r}"].sum()) if n else 0 for r in DROP_REASONS},
         "empty_rows": {"count": len(empty), "image_ids": empty[:MAX_LISTED_EMPTY]},
         "per_platform": per_platform,
@@ -92,14 +97,22 @@ def run_refine(cfg) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{paths['input']} lacks column(s) {sorted(missing)}")
     refined = _refine_dataset(ds, settings, cfg).materialize()
+    if refined.count() == 0:
+        raise ValueError(f"{paths['input']} has no rows to refine")
     stats = refined.select_columns(["image_id", "platform", *STAT_COLUMNS]).to_pandas()
     io.remove(paths["output"])  # a rerun replaces the output; the cache is kept
     refined.select_columns([*columns, "texts_original"]).write_parquet(
         paths["output"], filesystem=io.arrow_filesystem(paths["output"])
     )
     entries = compact_cache(paths["cache"])
-    summary = {**summarize(stats, settings, time.time() - start), "output": paths["output"],
-               "cache_dir": paths["cache"], "cache_entries": entries}
+    summary = {
+        **summarize(stats, settings, time.time() - start),
+        "output": paths["output"],
+        "cache_dir": paths["cache"],
+        "cache_entries": entries,
+    }
     io.write_json(paths["summary"], summary)
-    log.info("refine: %d rows, cache %s, rejections %s", summary["rows"], summary["cache"], summary["rejections"])
+    log.info(
+        "refine: %d rows, cache %s, rejections %s", summary["rows"], summary["cache"], summary["rejections"]
+    )
     return summary

@@ -49,10 +49,18 @@ def vllm_processor_config(rc, model: str | None = None):
 
 def vllm_preprocess(row: dict[str, Any], settings: RefineSettings) -> dict[str, Any]:
     """A row -> the processor's inputs (chat messages, greedy sampling); other columns are carried along."""
-    messages = build_messages(list(row["texts"] if row["texts"] is not None else []), row["platform"],
-                              settings.vocabulary, settings.prompt_version, settings.prompt_words)
-    return {**row, "messages": messages,
-            "sampling_params": {"temperature": 0.0, "max_tokens": settings.max_new_tokens}}
+    messages = build_messages(
+        list(row["texts"] if row["texts"] is not None else []),
+        row["platform"],
+        settings.vocabulary,
+        settings.prompt_version,
+        settings.prompt_words,
+    )
+    return {
+        **row,
+        "messages": messages,
+        "sampling_params": {"temperature": 0.0, "max_tokens": settings.max_new_tokens},
+    }
 
 
 def vllm_postprocess(row: dict[str, Any], keep: list[str]) -> dict[str, Any]:
@@ -91,10 +99,14 @@ class CacheLookup:
         import pyarrow as pa
 
         texts, platforms = batch_inputs(batch)
-        keys = [cache_key(t, p, self.s.prompt_id, self.s.model_id) for t, p in zip(texts, platforms, strict=True)]
+        keys = [
+            cache_key(t, p, self.s.prompt_id, self.s.model_id) for t, p in zip(texts, platforms, strict=True)
+        ]
         found = [self.cache.get(k) for k in keys]
         batch = batch.append_column("refine_key", pa.array(keys, pa.string()))
-        batch = batch.append_column("refine_output", pa.array([e and e["output"] for e in found], pa.string()))
+        batch = batch.append_column(
+            "refine_output", pa.array([e and e["output"] for e in found], pa.string())
+        )
         return batch.append_column("refine_was_cached", pa.array([e is not None for e in found], pa.bool_()))
 
 
@@ -102,8 +114,13 @@ def write_cache_batch(batch, settings: RefineSettings):
     """Store a batch of fresh answers as a new cache shard; the batch passes through unchanged."""
     texts, platforms = batch_inputs(batch)
     keys, outputs = batch.column("refine_key").to_pylist(), batch.column("refine_output").to_pylist()
-    write_shard(settings.cache_uri, [make_entry(k, t, p, settings, o or "")
-                                     for k, t, p, o in zip(keys, texts, platforms, outputs, strict=True)])
+    write_shard(
+        settings.cache_uri,
+        [
+            make_entry(k, t, p, settings, o or "")
+            for k, t, p, o in zip(keys, texts, platforms, outputs, strict=True)
+        ],
+    )
     return batch
 
 
@@ -112,20 +129,27 @@ def finalize_batch(batch, settings: RefineSettings):
     texts, platforms = batch_inputs(batch)
     outputs = batch.column("refine_output").to_pylist()
     hits = batch.column("refine_was_cached").to_pylist()
-    outcomes = [finalize(t, p, {"output": o or ""}, bool(h), settings)
-                for t, p, o, h in zip(texts, platforms, outputs, hits, strict=True)]
+    outcomes = [
+        finalize(t, p, {"output": o or ""}, bool(h), settings)
+        for t, p, o, h in zip(texts, platforms, outputs, hits, strict=True)
+    ]
     return attach_outcomes(batch.drop_columns(list(_WORK_COLUMNS)), outcomes)
 
 
 def refine_with_vllm(ds, settings: RefineSettings, rc, processor_factory: Callable = build_vllm_processor):
     """The refine pipeline around a `ray.data.llm` processor (`processor_factory(settings, rc, keep)`)."""
     import ray.data
+    from ray.data.expressions import col
 
     cpu = {"batch_format": "pyarrow", "batch_size": rc.batch_size, "num_cpus": rc.actor_num_cpus}
-    looked = ds.map_batches(CacheLookup, fn_constructor_kwargs={"settings": settings},
-                            compute=ray.data.ActorPoolStrategy(size=1), **cpu).materialize()
-    hits = looked.filter(lambda r: bool(r["refine_was_cached"]))
-    misses = looked.filter(lambda r: not r["refine_was_cached"])
+    looked = ds.map_batches(
+        CacheLookup,
+        fn_constructor_kwargs={"settings": settings},
+        compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
+        **cpu,
+    ).materialize()
+    hits = looked.filter(expr=col("refine_was_cached") == True)  # noqa: E712 (an expression, not a test)
+    misses = looked.filter(expr=col("refine_was_cached") == False)  # noqa: E712
     rows = hits
     if misses.count():  # all cached: don't start GPU engines for nothing
         processor = processor_factory(settings, rc, looked.columns())

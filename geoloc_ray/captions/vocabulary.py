@@ -105,7 +105,9 @@ class Vocabulary(BaseModel):
 
     @cached_property
     def attribute_regex(self) -> dict[str, re.Pattern]:
-        return {name: _compile("|".join(f"(?:{p})" for p in a.patterns)) for name, a in self.attributes.items()}
+        return {
+            name: _compile("|".join(f"(?:{p})" for p in a.patterns)) for name, a in self.attributes.items()
+        }
 
     @cached_property
     def normalize_regex(self) -> list[tuple[re.Pattern, str]]:
