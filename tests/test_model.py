@@ -187,6 +187,23 @@ def test_checkpoint_round_trip(moe, pixels, tmp_path, where):
     assert not any(k.startswith("text_trunk.") for k in load(io.read_bytes(io.join(uri, "model.safetensors"))))
 
 
+def test_serve_style_partial_loads(moe, pixels, tmp_path):
+    from geoloc_ray.model import load_head, load_model, save_model
+
+    save_model(moe, str(tmp_path / "ckpt"))
+    encoder = load_model(str(tmp_path / "ckpt"), heads=[])  # query encoder deployment: trunk + gate
+    head = load_head(str(tmp_path / "ckpt"), "drone")  # expert deployment: its head only, no trunk
+    assert encoder.head_names == [] and encoder.gate is not None
+    with torch.no_grad():
+        trunk = encoder.text_trunk_output(TEXTS)
+        torch.testing.assert_close(encoder.gate(trunk), moe.gate(moe.text_trunk_output(TEXTS)), rtol=0, atol=0)
+        torch.testing.assert_close(head.text(trunk), moe.encode_text(TEXTS, "drone"), rtol=0, atol=0)
+        torch.testing.assert_close(head.image(moe.image_trunk_output(pixels)), moe.encode_image(pixels, "drone"),
+                                   rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no head"):
+        load_head(str(tmp_path / "ckpt"), "unified")
+
+
 def test_checkpoint_checksums_are_enforced(moe, tmp_path):
     from geoloc_ray.model import load_model, save_model
     from geoloc_ray.model.checkpoint import ChecksumError

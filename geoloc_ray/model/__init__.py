@@ -22,6 +22,7 @@ _EXPORTS = {
     "ImageTrunkOutput": "outputs",
     "save_model": "checkpoint",
     "load_model": "checkpoint",
+    "load_head": "checkpoint",
     "read_manifest": "checkpoint",
     "copy_head": "checkpoint",
     "ImagePreprocess": "transforms",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from geoloc_ray import io
 from geoloc_ray.config import Config, ModelConfig
 from geoloc_ray.model.geoloc_model import GeoLocModel
+from geoloc_ray.model.heads import ExpertHead
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +137,30 @@ def _check_text_trunk(model: GeoLocModel, manifest: dict, uri: str) -> None:
                             f"differs from the one this checkpoint was trained with")
 
 
-def load_model(uri: str, device: str | torch.device = "cpu") -> GeoLocModel:
-    """Rebuild through the factory, load the stored weights (sha256-verified) and check the text trunk."""
+def _select_heads(manifest: dict, heads: Sequence[str] | None, uri: str) -> list[str]:
+    names = list(manifest["heads"]) if heads is None else list(heads)
+    unknown = [n for n in names if n not in manifest["heads"]]
+    if unknown:
+        raise KeyError(f"{uri}: no head(s) {unknown}; the checkpoint has {manifest['heads']}")
+    return names
+
+
+def _drop_other_heads(state: dict, keep: list[str]) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("heads.") or k.split(".", 2)[1] in keep}
+
+
+def load_model(uri: str, device: str | torch.device = "cpu", heads: Sequence[str] | None = None) -> GeoLocModel:
+    """Rebuild through the factory, load the stored weights (sha256-verified) and check the text trunk.
+
+    `heads` loads a subset (e.g. [] for a query encoder that runs only the trunk and the gate).
+    """
     from geoloc_ray.model.factory import build_model
 
     manifest = read_manifest(uri)
-    state = _read_weights(uri, manifest)
+    names = _select_heads(manifest, heads, uri)
+    state = _drop_other_heads(_read_weights(uri, manifest), names)
     cfg = ModelConfig.model_validate(manifest["model_config"])
-    model = build_model(cfg, heads=manifest["heads"], gate=manifest["gate"], image_pretrained=False)
+    model = build_model(cfg, heads=names, gate=manifest["gate"], image_pretrained=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     referenced = manifest["text_trunk"]["sha256"] is not None
     missing = [k for k in missing if not (referenced and k.startswith(_TEXT_TRUNK))]
@@ -153,6 +171,28 @@ def load_model(uri: str, device: str | torch.device = "cpu") -> GeoLocModel:
     model.preprocess_cfg = dict(manifest.get("preprocess") or model.preprocess_cfg)
     model.manifest = manifest
     return model.to(device)
+
+
+def load_head(uri: str, name: str, device: str | torch.device = "cpu") -> ExpertHead:
+    """One expert head alone (its text + image layers and projections), without loading any trunk.
+
+    For a Serve expert deployment that only runs its head on trunk outputs computed elsewhere: the
+    architecture is built on the meta device, then only this head is materialised and filled.
+    """
+    from geoloc_ray.model.factory import build_model
+
+    manifest = read_manifest(uri)
+    _select_heads(manifest, [name], uri)
+    state = _read_weights(uri, manifest)
+    prefix = f"heads.{name}."
+    own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    arch = build_model(ModelConfig.model_validate(manifest["model_config"]), heads=[name], device="meta")
+    head = arch.heads[name].to_empty(device=device)
+    head.load_state_dict(own, strict=True)
+    unfilled = [n for n, _ in head.named_buffers() if n not in own]
+    if unfilled:  # non-persistent buffers are not in the file and would stay uninitialised
+        raise RuntimeError(f"load_head: buffers {unfilled[:3]} are not stored; use load_model")
+    return head.requires_grad_(False).eval()
 
 
 def _check_same_trunks(a: GeoLocModel, b: GeoLocModel) -> None:

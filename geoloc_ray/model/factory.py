@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -10,6 +11,8 @@ from geoloc_ray.config import ModelConfig
 from geoloc_ray.model.geoloc_model import GeoLocModel
 from geoloc_ray.model.image_tower import build_visual, split_visual
 from geoloc_ray.model.text_tower import clone_tail, load_text_encoder, split_text_encoder
+
+logger = logging.getLogger(__name__)
 
 
 def build_model(model_cfg: ModelConfig, heads: Sequence[str] = ("unified",), gate: bool = False,
@@ -25,6 +28,9 @@ def build_model(model_cfg: ModelConfig, heads: Sequence[str] = ("unified",), gat
     if seed is not None:
         torch.manual_seed(seed)
     device = str(device)
+    if model_cfg.text.kind == "bge_m3" and model_cfg.text.pooling != "cls":
+        logger.warning("text tower bge_m3 with pooling=%r: BGE-M3's dense embedding is the CLS token "
+                       "(set model.text.pooling: cls)", model_cfg.text.pooling)
     encoder, tokenizer = load_text_encoder(model_cfg.text, device)
     text_trunk, text_tail = split_text_encoder(encoder, model_cfg.text.expert_layers, model_cfg.text.pooling)
     visual, preprocess = build_visual(model_cfg.image, device, load_weights=image_pretrained)

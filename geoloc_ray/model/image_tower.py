@@ -8,6 +8,9 @@ Our model configs live as JSON in `configs/` and are registered with open_clip l
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,21 +32,39 @@ def register_configs() -> list[str]:
     return names
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """open_clip warns on the root logger about random init; here that is intended, not news."""
+    root, quiet = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def build_visual(cfg: ImageTowerConfig, device: str = "cpu", load_weights: bool = True) -> tuple[nn.Module, dict]:
     """open_clip's factory builds the whole CLIP; we keep `.visual` and its preprocessing config."""
     import open_clip
 
     register_configs()
     if str(device) == "meta":  # architecture only: nothing allocated, nothing downloaded
-        with torch.device("meta"):
+        with torch.device("meta"), _quiet_random_init():
             clip = open_clip.create_model(
                 cfg.model_name, pretrained=None, force_image_size=cfg.image_size, device="meta"
             )
     else:
         pretrained = cfg.pretrained if load_weights else None
-        clip = open_clip.create_model(
-            cfg.model_name, pretrained=pretrained, force_image_size=cfg.image_size, device=device
-        )
+        # Random init is the plan when no weights are asked for (from scratch, or a checkpoint follows).
+        with _quiet_random_init() if pretrained is None else contextlib.nullcontext():
+            clip = open_clip.create_model(
+                cfg.model_name, pretrained=pretrained, force_image_size=cfg.image_size, device=device
+            )
     visual = clip.visual
     preprocess = dict(getattr(visual, "preprocess_cfg", {}) or {})
     return visual, preprocess

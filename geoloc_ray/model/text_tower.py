@@ -83,7 +83,9 @@ def _meta_encoder(cfg: TextTowerConfig) -> nn.Module:
     else:
         raise ValueError(f"text tower {cfg.path!r}: not a local folder and not a known architecture")
     with torch.device("meta"):
-        return AutoModel.from_config(hf_cfg, add_pooling_layer=False)
+        encoder = AutoModel.from_config(hf_cfg)
+    encoder.pooler = None  # as in the weighted load: the HF pooler is not part of the embedding
+    return encoder
 
 
 def load_text_encoder(cfg: TextTowerConfig, device: str = "cpu") -> tuple[nn.Module, Any | None]:
