@@ -13,7 +13,7 @@ from geoloc_ray.config import ConfigError, load_config
 
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("geoloc_ray.preprocess.prepare", "run_prepare"),
-    "refine": ("geoloc_ray.captions.refine", "run_refine"),
+    "refine": ("geoloc_ray.captions.stage", "run_refine"),
     "train": ("geoloc_ray.train.run", "run_train"),
     "index": ("geoloc_ray.index.build", "run_index"),
     "eval": ("geoloc_ray.eval.evaluate", "run_eval"),

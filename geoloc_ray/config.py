@@ -161,6 +161,7 @@ class TrainConfig(_Model):
 
 
 class IndexConfig(_Model):
+    split: Literal["test", "train", "all"] = "test"  # which prepared images form the served gallery
     kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
     exact_below: int = Field(100_000, ge=1)  # auto: exact search under this gallery size
     shards: int = Field(1, ge=1)
@@ -285,6 +286,8 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, so
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (None: the embedded demo default) and apply `--set` overrides."""
+    if path is None and not default_config_path().exists():
+        return config_from_dict({}, overrides, source="<built-in defaults>")
     path = Path(path) if path is not None else default_config_path()
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -298,9 +301,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def default_config_path() -> Path:
-    """configs/demo.yaml of a checkout, else the copy packaged with the library."""
-    repo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-    return repo if repo.exists() else Path(__file__).resolve().parent / "configs" / "demo.yaml"
+    """configs/demo.yaml of the checkout (an installed package without it uses the built-in defaults,
+    which are the same demo profile)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def config_hash(cfg: Config, sections: list[str]) -> str:

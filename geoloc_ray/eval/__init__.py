@@ -1,0 +1,1 @@
+"""Offline evaluation: the four variants, image- and location-level recall, per platform, corruptions."""

@@ -1,0 +1,64 @@
+"""Recall@K text->image (in percent) and the challenge Score = (R@1 + R@10) / 2."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def first_hit_rank(ranked: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """Per query, the 0-based rank of the first relevant item among `ranked` (len if none).
+
+    `relevant[q, j]` says whether ranked item j of query q counts as a hit.
+    """
+    hit = relevant.astype(bool)
+    any_hit = hit.any(axis=1)
+    first = hit.argmax(axis=1)
+    return np.where(any_hit, first, ranked.shape[1])
+
+
+def recall_at(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+    out = {f"R@{k}": float(100.0 * np.mean(ranks < k)) if len(ranks) else 0.0 for k in ks}
+    if "R@1" in out and "R@10" in out:
+        out["score"] = (out["R@1"] + out["R@10"]) / 2
+    return out
+
+
+def retrieval_metrics(
+    ranked_ids: np.ndarray,
+    gallery_images: np.ndarray,
+    gallery_locations: np.ndarray,
+    query_images: np.ndarray,
+    query_locations: np.ndarray,
+    ks: Sequence[int],
+) -> dict[str, dict[str, float]]:
+    """Image level: the query's own image is retrieved. Location level: any image of its location (the
+    GeoText/Track 4 local evaluation)."""
+    safe = np.clip(ranked_ids, 0, None)
+    valid = ranked_ids >= 0
+    image_hit = (gallery_images[safe] == query_images[:, None]) & valid
+    loc_hit = (gallery_locations[safe] == query_locations[:, None]) & valid
+    return {
+        "location": recall_at(first_hit_rank(ranked_ids, loc_hit), ks),
+        "image": recall_at(first_hit_rank(ranked_ids, image_hit), ks),
+    }
+
+
+def recall_curve(ranked_ids: np.ndarray, gallery_locations: np.ndarray, query_locations: np.ndarray,
+                 max_k: int) -> list[float]:
+    """Location-level R@1..R@max_k, for the recall@K plot."""
+    safe = np.clip(ranked_ids, 0, None)
+    hit = (gallery_locations[safe] == query_locations[:, None]) & (ranked_ids >= 0)
+    ranks = first_hit_rank(ranked_ids, hit)
+    return [float(100.0 * np.mean(ranks < k)) for k in range(1, max_k + 1)]
+
+
+def chance_recall(gallery_locations: np.ndarray, query_locations: np.ndarray, k: int) -> float:
+    """Expected location-level R@k of a random ranking (sampling without replacement), in percent."""
+    from math import comb
+
+    n = len(gallery_locations)
+    counts = {loc: int(c) for loc, c in zip(*np.unique(gallery_locations, return_counts=True), strict=True)}
+    probs = [1.0 - comb(n - counts.get(q, 0), k) / comb(n, k) for q in query_locations]
+    return float(100.0 * np.mean(probs)) if probs else 0.0

@@ -1,0 +1,1 @@
+"""Gallery index: expert embeddings concatenated per image, in faiss (exact or ANN), optionally sharded."""

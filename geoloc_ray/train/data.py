@@ -1,0 +1,88 @@
+"""Training datasets as Ray Data pipelines: prepared/refined rows -> decoded pixels, sharded to train workers.
+
+Rows carry `pixels` (H, W, 3 uint8 at the tower's input size) so workers do no I/O; satellite augmentation
+is applied per step in the worker (it must differ every epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from geoloc_ray import io
+from geoloc_ray.preprocess.images import load_image
+
+log = logging.getLogger(__name__)
+
+PAIR_COLUMNS = ["image_id", "platform", "location_id", "texts", "pixels"]
+
+
+def decode_pixels(uris, size: int) -> tuple[np.ndarray, list[bool]]:
+    """(N, size, size, 3) uint8 and which rows decoded; a file broken since `prepare` is skipped, not fatal."""
+    out = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
+    ok = []
+    for i, uri in enumerate(uris):
+        try:
+            out[i] = np.asarray(load_image(str(uri), size))
+            ok.append(True)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is reported and skipped
+            log.warning("skipping undecodable image %s: %s", uri, exc)
+            ok.append(False)
+    return out, ok
+
+
+def decode_batch(batch: dict[str, Any], *, size: int, storage: dict | None = None) -> dict[str, Any]:
+    io.use_storage_options(storage)
+    pixels, ok = decode_pixels(batch["image_uri"], size)
+    keep = np.asarray(ok, dtype=bool)
+    out = {k: np.asarray(v)[keep] for k, v in batch.items() if k in PAIR_COLUMNS}
+    out["pixels"] = pixels[keep]
+    return out
+
+
+def decode_triplet_batch(batch: dict[str, Any], *, size: int, storage: dict | None = None) -> dict[str, Any]:
+    """Mined rows (query, pos, negs by URI) -> pixels for the positive and each hard negative."""
+    io.use_storage_options(storage)
+    pos, ok = decode_pixels(batch["image_uri"], size)
+    negs, neg_ok = [], []
+    for uris in batch["neg_uris"]:
+        px, good = decode_pixels(list(uris), size)
+        negs.append(px)
+        neg_ok.append(all(good))
+    keep = np.asarray(ok, dtype=bool) & np.asarray(neg_ok, dtype=bool)
+    return {
+        "query": np.asarray(batch["query"])[keep],
+        "location_id": np.asarray(batch["location_id"])[keep],
+        "platform": np.asarray(batch["platform"])[keep],
+        "pixels": pos[keep],
+        "neg_pixels": np.stack(negs)[keep] if negs else np.zeros((0, 1, size, size, 3), np.uint8),
+        "neg_location_ids": np.stack([np.asarray(x, dtype=str) for x in batch["neg_location_ids"]])[keep],
+    }
+
+
+def pairs_dataset(uri: str, size: int, platforms: list[str] | None = None, materialize: bool = True):
+    """Images + their texts for contrastive training (stage 0 and expert stage 1)."""
+    from ray.data.expressions import col
+
+    ds = io.read_dataset_parquet(uri)
+    if platforms:
+        ds = ds.filter(expr=col("platform").is_in(list(platforms)))
+    ds = ds.map_batches(decode_batch, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"size": size, "storage": io.storage_options()})
+    return ds.materialize() if materialize else ds
+
+
+def texts_dataset(uri: str):
+    """One row per (text, platform) for the gate: no pixels needed."""
+    ds = io.read_dataset_parquet(uri, columns=["texts", "platform", "location_id"])
+    return ds.flat_map(lambda r: [{"text": str(t), "platform": r["platform"]} for t in r["texts"]])
+
+
+def triplets_dataset(uri: str, size: int, materialize: bool = True):
+    """FlagEmbedding-style {query, pos, neg} records written by mining, with pixels attached."""
+    ds = io.read_dataset_parquet(uri)
+    ds = ds.map_batches(decode_triplet_batch, batch_format="numpy", num_cpus=0.5,
+                        fn_kwargs={"size": size, "storage": io.storage_options()})
+    return ds.materialize() if materialize else ds

@@ -1,0 +1,152 @@
+"""The per-worker training loop Ray Train runs: one plain function for every stage (nanoGPT-style).
+
+A job is one of: `pairs` (contrastive on image/text pairs: stage 0 and expert stage 1), `triplets` (stage 2 with
+mined hard negatives), `gate` (platform classification on trunk query features). Each epoch ends with
+`ray.train.report(metrics, checkpoint)`; a restarted worker resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from geoloc_ray.config import Config
+
+STATE_FILE = "train_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class JobSpec:
+    """What one TorchTrainer run trains; serialisable into `train_loop_config`."""
+
+    name: str
+    kind: str  # pairs | triplets | gate
+    head: str | None = None  # the head being trained (None for the gate)
+    init: str | None = None  # model URI to start from (None: build fresh from config)
+    init_head: str | None = None  # copy this head of `init` into `head` (experts start from `aligned`)
+    image_trunk: bool = False  # train the image trunk too (stage 0 of the embedded default)
+    epochs: int = 1
+    lr: float = 2e-5
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _init_model(cfg: Config, job: JobSpec):
+    from geoloc_ray.model import build_model, load_model
+
+    if job.init is None:
+        model = build_model(cfg.model, heads=[job.head], gate=False, seed=job.seed)
+    else:
+        model = load_model(job.init)
+        if job.init_head is not None and job.head is not None:
+            model.copy_head(job.init_head, job.head)
+        for name in [n for n in model.head_names if n != job.head]:
+            del model.heads[name]  # an expert run carries only its own head
+        if job.kind == "gate":
+            model.add_gate()
+    model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
+                        gate=job.kind == "gate")
+    return model
+
+
+def _restore(optimizer) -> tuple[Any, int]:
+    """(model, first epoch) from the last reported checkpoint, or (None, 0) on a fresh start."""
+    import ray.train
+    import torch
+
+    from geoloc_ray.model import load_model
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None, 0
+    with checkpoint.as_directory() as d:
+        model = load_model(d)
+        state = json.loads(open(os.path.join(d, STATE_FILE)).read())
+        opt_state = torch.load(os.path.join(d, OPTIMIZER_FILE), weights_only=True)
+    return (model, opt_state), int(state["epoch"]) + 1
+
+
+def _report(model, optimizer, cfg: Config, job: JobSpec, metrics: dict[str, Any]) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (weights as safetensors + optimizer + epoch)."""
+    import ray.train
+    import torch
+
+    from geoloc_ray.model import save_model
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_model(model, d, cfg, extra={"job": job.to_dict(), "epoch": metrics["epoch"]})
+        torch.save(optimizer.state_dict(), os.path.join(d, OPTIMIZER_FILE))
+        with open(os.path.join(d, STATE_FILE), "w") as f:
+            json.dump({"epoch": metrics["epoch"], "job": job.to_dict()}, f)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    from geoloc_ray.train import steps
+
+    cfg = Config.model_validate(config["cfg"])
+    job = JobSpec(**config["job"])
+    ctx = ray.train.get_context()
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
+    torch.manual_seed(job.seed + ctx.get_world_rank())
+    rng = np.random.default_rng(job.seed + 1000 * ctx.get_world_rank())
+
+    model = _init_model(cfg, job)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=job.lr, weight_decay=cfg.train.weight_decay)
+    restored, start_epoch = _restore(optimizer)
+    if restored is not None:
+        model, opt_state = restored
+        model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
+                            gate=job.kind == "gate")
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=job.lr,
+                                      weight_decay=cfg.train.weight_decay)
+        optimizer.load_state_dict(opt_state)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    steps.broadcast_parameters(model)
+    params = model.trainable_parameters()
+    runner = steps.make_runner(job.kind, model, job, cfg, rng, device)
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start_epoch, job.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        totals: dict[str, float] = {"loss": 0.0, "acc": 0.0}
+        n_steps = 0
+        for batch in runner.batches(shard, epoch):
+            loss, acc = runner.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            steps.sync_gradients(params)
+            optimizer.step()
+            totals["loss"] += float(loss.detach())
+            totals["acc"] += acc
+            n_steps += 1
+        metrics = {
+            "job": job.name, "epoch": epoch, "steps": n_steps,
+            "loss": totals["loss"] / max(n_steps, 1), "batch_acc": totals["acc"] / max(n_steps, 1),
+            "epoch_s": time.perf_counter() - t0, "resumed_from_epoch": start_epoch,
+        }
+        if ctx.get_world_rank() == 0:
+            print(f"[{job.name}] epoch {epoch + 1}/{job.epochs} loss {metrics['loss']:.4f} "
+                  f"acc {metrics['batch_acc']:.3f} ({n_steps} steps, {metrics['epoch_s']:.1f}s)", flush=True)
+        last = epoch == job.epochs - 1
+        if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
+            _report(model, optimizer, cfg, job, metrics)
+        else:
+            ray.train.report(metrics)

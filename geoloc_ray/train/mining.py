@@ -1,0 +1,95 @@
+"""Distributed hard-negative mining (FlagEmbedding-style: mining writes `{query, pos, neg}` records).
+
+Each stage-1 expert embeds the training gallery and its own platform's queries; Ray Data runs the embedding
+on an actor pool (one pass for all experts), faiss finds each query's nearest images, and images of the
+query's own location are dropped (they are the same place, not negatives).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from geoloc_ray import io
+from geoloc_ray.config import Config, HardNegativeConfig
+
+log = logging.getLogger(__name__)
+
+
+def select_negatives(neighbours: np.ndarray, query_locations: np.ndarray, gallery_locations: np.ndarray,
+                     cfg: HardNegativeConfig) -> list[list[int]]:
+    """Per query (rows of faiss-ranked gallery ids): up to `per_query` ids never of the query's location.
+
+    `skip_top` leaves out the very nearest other-location images (likely unlabelled positives).
+    """
+    out = []
+    for q, row in enumerate(neighbours):
+        valid = [int(i) for i in row if i >= 0 and gallery_locations[i] != query_locations[q]]
+        out.append(valid[cfg.skip_top : cfg.skip_top + cfg.per_query])
+    return out
+
+
+def embed_training_gallery(cfg: Config, experts: dict[str, str], train_uri: str):
+    """Every training image under every expert's image head: one column per platform."""
+    from geoloc_ray.embedding import embed_images
+
+    ds = io.read_dataset_parquet(train_uri, columns=["image_id", "image_uri", "location_id", "platform"])
+    return embed_images(ds, {p: (uri, [p]) for p, uri in experts.items()}, cfg.index)
+
+
+def embed_training_queries(cfg: Config, experts: dict[str, str], train_uri: str):
+    """Each training text under its own platform's expert text head."""
+    from geoloc_ray.embedding import embed_texts
+
+    ds = io.read_dataset_parquet(train_uri, columns=["image_id", "image_uri", "location_id", "platform", "texts"])
+    ds = ds.flat_map(lambda r: [{"query": str(t), "image_id": r["image_id"], "image_uri": r["image_uri"],
+                                 "location_id": r["location_id"], "platform": r["platform"]} for t in r["texts"]])
+    return embed_texts(ds, {p: (u, p) for p, u in experts.items()}, cfg.index)
+
+
+def mined_rows(platform: str, queries, gallery, hn: HardNegativeConfig) -> list[dict[str, Any]]:
+    """faiss top-k over the gallery (mixed, or the platform's own images) -> records with negatives."""
+    import faiss
+
+    q = queries[queries["platform"] == platform].reset_index(drop=True)
+    g = gallery if hn.gallery == "mixed" else gallery[gallery["platform"] == platform]
+    g = g.reset_index(drop=True)
+    vectors = np.stack(g[platform].to_numpy()).astype(np.float32)
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    index.add(vectors)
+    _, neighbours = index.search(np.stack(q["embedding"].to_numpy()).astype(np.float32),
+                                 min(hn.top_k, len(vectors)))
+    g_locs = g["location_id"].to_numpy()
+    rows = []
+    for i, negs in enumerate(select_negatives(neighbours, q["location_id"].to_numpy(), g_locs, hn)):
+        if len(negs) < hn.per_query:
+            continue  # not enough other-location images in reach: drop the query rather than pad
+        rows.append({
+            "query": q["query"].iat[i], "image_id": q["image_id"].iat[i], "image_uri": q["image_uri"].iat[i],
+            "location_id": q["location_id"].iat[i], "platform": platform,
+            "neg_ids": [g["image_id"].iat[j] for j in negs], "neg_uris": [g["image_uri"].iat[j] for j in negs],
+            "neg_location_ids": [g_locs[j] for j in negs],
+        })
+    return rows
+
+
+def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str, out: dict[str, str]
+                        ) -> dict[str, Any]:
+    """Write one mined parquet per expert; returns counts per expert."""
+    import pandas as pd
+
+    hn = cfg.train.hard_negatives
+    gallery = embed_training_gallery(cfg, experts, train_uri)
+    queries = embed_training_queries(cfg, experts, train_uri)
+    summary = {}
+    for platform in experts:
+        rows = mined_rows(platform, queries, gallery, hn)
+        if not rows:
+            raise ValueError(f"mining for {platform!r} found no query with {hn.per_query} other-location negatives")
+        io.write_parquet(out[platform], pd.DataFrame(rows))
+        n_queries = int((queries["platform"] == platform).sum())
+        summary[platform] = {"queries": n_queries, "rows": len(rows), "dropped": n_queries - len(rows)}
+    log.info("mined hard negatives: %s", summary)
+    return summary
