@@ -11,9 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoloc_ray.config import DEFAULT_DIRECTIONAL_PHRASES, PlatformRules
+from geoloc_ray.config import DEFAULT_DIRECTIONAL_PHRASES, PlatformRules, SynthConfig
 from geoloc_ray.corpus.records import location_from_image_id, platform_from_path
-from geoloc_ray.corpus.synth import Location, contact_sheet, render_location, sample_world, synth_world
+from geoloc_ray.corpus.synth import (
+    Location,
+    contact_sheet,
+    render_location,
+    sample_world,
+    synth_from_config,
+    synth_world,
+)
 from geoloc_ray.corpus.synth.captions import training_caption
 from geoloc_ray.corpus.synth.queries import platform_queries
 from geoloc_ray.corpus.synth.world import FACADE_COLOURS, ROOF_COLOURS
@@ -277,3 +284,14 @@ def test_rewriting_a_smaller_world_leaves_no_stale_images(tmp_path):
     synth_world(str(tmp_path), 3, seed=1, **small)
     folders = {p.name for split in ("train", "test") for p in (tmp_path / "images" / split).glob("*")}
     assert folders == set(json.loads((tmp_path / "locations.json").read_text()))
+
+
+def test_synth_from_config_uses_every_field(tmp_path):
+    cfg = SynthConfig(locations=4, test_fraction=0.5, drone_views=1, ground_views=2, image_size=40,
+                      queries_per_image=3, seed=7)
+    summary = synth_from_config(cfg, str(tmp_path), progress=False)
+    assert summary["images"] == {"satellite": 4, "drone": 4, "ground": 8} and summary["test_locations"] == 2
+    test = json.loads((tmp_path / "test.json").read_text())
+    assert all(len(r["caption"]) == 3 for r in test)
+    with Image.open(next((tmp_path / "images").rglob("*.jpg"))) as img:
+        assert img.size == (40, 40)

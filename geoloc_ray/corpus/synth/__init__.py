@@ -4,9 +4,9 @@
 real dataset; `contact_sheet` renders one location's views for a human to check.
 """
 
-from geoloc_ray.corpus.synth.build import synth_world
+from geoloc_ray.corpus.synth.build import synth_from_config, synth_world
 from geoloc_ray.corpus.synth.contact import contact_sheet
 from geoloc_ray.corpus.synth.views import render_location
 from geoloc_ray.corpus.synth.world import Location, sample_world
 
-__all__ = ["Location", "contact_sheet", "render_location", "sample_world", "synth_world"]
+__all__ = ["Location", "contact_sheet", "render_location", "sample_world", "synth_from_config", "synth_world"]

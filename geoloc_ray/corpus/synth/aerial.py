@@ -99,8 +99,10 @@ def _edge_colour(rgb) -> tuple[int, int, int]:
 
 def _shade(normal: np.ndarray, sun: np.ndarray) -> float:
     lit = max(0.0, float(normal @ sun))
-    # A roof in shade must keep its colour name (shaded orange must not turn brown): a high ambient term.
-    return 0.64 + 0.44 * lit if normal[2] > 0.3 else 0.62 + 0.42 * lit
+    if normal[2] > 0.3:
+        # A roof in shade must keep its colour name (shaded orange must not turn brown): a high ambient term.
+        return 0.62 + 0.5 * lit
+    return 0.62 + 0.42 * lit
 
 
 def _tint(rgb, k: float) -> tuple[int, int, int]:
@@ -156,8 +158,8 @@ def _draw_tree(draw: ImageDraw.ImageDraw, cam: Camera, tree: Tree, sun: np.ndarr
 def _draw_face(draw: ImageDraw.ImageDraw, cam: Camera, face: Face, sun: np.ndarray) -> None:
     k = _shade(face.normal, sun)
     uv, _ = cam.project(face.pts)
-    draw.polygon([tuple(p) for p in uv], fill=_tint(face.rgb, k),
-                 outline=face.outline if face.outline else None)
+    draw.polygon([tuple(p) for p in uv], fill=_tint(face.rgb, k), outline=face.outline,
+                 width=2 if face.outline else 0)
     if face.wall is not None:
         for quad in wall_windows(*face.wall):
             wuv, _ = cam.project(quad)
@@ -251,6 +253,8 @@ def render_aerial(scene: Scene, cam: Camera, sun: np.ndarray, rng: np.random.Gen
 
 
 def sun_direction(rng: np.random.Generator) -> np.ndarray:
-    """A random daytime sun (unit vector toward it)."""
-    az, el = rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(35, 65))
+    """A daytime sun in the southern sky (the city is at 30 N), never in line with a ridge: the two slopes of
+    a gabled roof (ridges run east-west or north-south) always get different light."""
+    az = math.radians(rng.uniform(120, 165) if rng.random() < 0.5 else rng.uniform(195, 240))
+    el = math.radians(rng.uniform(35, 65))
     return np.array([math.sin(az) * math.cos(el), math.cos(az) * math.cos(el), math.sin(el)])

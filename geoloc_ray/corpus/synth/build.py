@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from geoloc_ray import io
+from geoloc_ray.config import SynthConfig
 from geoloc_ray.corpus.synth.captions import training_caption
 from geoloc_ray.corpus.synth.queries import platform_queries
 from geoloc_ray.corpus.synth.views import PLATFORM_CODES, View, render_location
@@ -76,3 +77,10 @@ def synth_world(out: str, locations: int, seed: int, *, test_fraction: float = 0
         "images": counts, "train_records": len(records["train"]), "test_records": len(records["test"]),
         "paths": paths, "seconds": round(seconds, 2),
     }
+
+
+def synth_from_config(synth: SynthConfig, out: str, progress: bool = True) -> dict:
+    """`synth_world` with the `synth:` section of a run config (what `geoloc-ray synth` runs)."""
+    return synth_world(out, synth.locations, synth.seed, test_fraction=synth.test_fraction,
+                       drone_views=synth.drone_views, ground_views=synth.ground_views,
+                       image_size=synth.image_size, queries_per_image=synth.queries_per_image, progress=progress)
