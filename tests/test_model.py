@@ -158,6 +158,14 @@ def test_trunk_outputs_cross_process_boundaries(moe, pixels):
         torch.testing.assert_close(moe.text_head("ground", text2), moe.text_head("ground", trunk))
         torch.testing.assert_close(moe.image_head("ground", image2), moe.image_head("ground", image_trunk))
     assert len(text2) == 3 and image2.rope is None
+    from geoloc_ray.model import ImageTrunkOutput, TextTrunkOutput
+
+    with torch.no_grad():  # a batched expert deployment: per-request outputs re-batched with other lengths
+        rebatched = TextTrunkOutput.cat(list(reversed(trunk.split())))
+        torch.testing.assert_close(moe.text_head("ground", rebatched),
+                                   moe.text_head("ground", trunk).flip(0), rtol=1e-5, atol=1e-6)
+        images = ImageTrunkOutput.cat(image_trunk.split())
+        torch.testing.assert_close(moe.image_head("ground", images), moe.image_head("ground", image_trunk))
 
 
 def test_copy_head_is_independent(moe):

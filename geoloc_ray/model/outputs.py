@@ -43,6 +43,27 @@ class TextTrunkOutput(_TensorBundle):
     attention_mask: torch.Tensor  # (B, T) 1 = token, 0 = padding; heads rebuild their 4-D mask from it
     pooled: torch.Tensor  # (B, H) trunk query feature: the gate's input
 
+    def split(self) -> list[TextTrunkOutput]:
+        """One output per query, trimmed to its own length (what a batched deployment returns per request)."""
+        lengths = self.attention_mask.sum(dim=1).tolist()
+        return [TextTrunkOutput(self.hidden[i : i + 1, : int(n)], self.attention_mask[i : i + 1, : int(n)],
+                                self.pooled[i : i + 1]) for i, n in enumerate(lengths)]
+
+    @staticmethod
+    def cat(parts: list[TextTrunkOutput]) -> TextTrunkOutput:
+        """Batch per-request outputs again, right-padding (masked) to the longest: heads give the same result."""
+        import torch
+
+        longest = max(p.hidden.shape[1] for p in parts)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            widths = [0, 0] * (t.dim() - 2) + [0, longest - t.shape[1]]
+            return torch.nn.functional.pad(t, widths)
+
+        return TextTrunkOutput(torch.cat([pad(p.hidden) for p in parts]),
+                               torch.cat([pad(p.attention_mask) for p in parts]),
+                               torch.cat([p.pooled for p in parts]))
+
 
 @dataclass
 class ImageTrunkOutput(_TensorBundle):
@@ -50,3 +71,13 @@ class ImageTrunkOutput(_TensorBundle):
 
     tokens: torch.Tensor  # (B, 1 + prefix + patches, W), batch first
     rope: torch.Tensor | None = None  # rotary position embedding the head's EVA blocks need; None for plain ViTs
+
+    def split(self) -> list[ImageTrunkOutput]:
+        """One output per image; the rotary embedding is per position, not per image, so each keeps it."""
+        return [ImageTrunkOutput(self.tokens[i : i + 1], self.rope) for i in range(len(self.tokens))]
+
+    @staticmethod
+    def cat(parts: list[ImageTrunkOutput]) -> ImageTrunkOutput:
+        import torch
+
+        return ImageTrunkOutput(torch.cat([p.tokens for p in parts]), parts[0].rope)
