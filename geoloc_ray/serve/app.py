@@ -1,0 +1,106 @@
+"""The application graph, composed in one builder: `serve run serve_config.yaml` calls `build_app(args)`.
+
+    SearchIngress (FastAPI) -> QueryEncoder (trunk + gate, batched)
+                            -> ExpertHead_<platform> x 3, in parallel (each its own head only)
+                            -> IndexShard_<i> x shards, in parallel (each one faiss shard of the build)
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from geoloc_ray import io
+from geoloc_ray.config import Config
+from geoloc_ray.serve.encoder import QueryEncoder
+from geoloc_ray.serve.experts import ExpertHead
+from geoloc_ray.serve.ingress import SearchIngress
+from geoloc_ray.serve.settings import APP_NAME, AppArgs, expert_deployment, shard_deployment
+from geoloc_ray.serve.shards import IndexShard, resolve_build
+
+log = logging.getLogger(__name__)
+
+
+def _manifests(a: AppArgs) -> tuple[dict, dict]:
+    """The model's and the index build's manifests (plain JSON reads: no torch in the build task)."""
+    from geoloc_ray.index.store import check_model_version, read_manifest
+
+    model_manifest_uri = io.join(a.model_uri(), "manifest.json")
+    if not io.exists(model_manifest_uri):
+        raise FileNotFoundError(f"no trained model at {a.model_uri()}: run `geoloc-ray train` first")
+    model_manifest = io.read_json(model_manifest_uri)
+    index_manifest = read_manifest(resolve_build(a.index_root(), a.index_build))
+    check_model_version(index_manifest, model_manifest["model_version"])  # refuse before any replica starts
+    return model_manifest, index_manifest
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validate `args` (see `AppArgs`), read the manifests, and bind the deployments into one application."""
+    a = AppArgs.model_validate(args or {})
+    io.use_storage_options(a.storage_options)
+    model_manifest, index_manifest = _manifests(a)
+    model_uri, storage, build = a.model_uri(), a.storage_options, index_manifest["build"]
+    batching = (a.max_batch_size, a.batch_wait_timeout_s)
+    common = {"max_ongoing_requests": a.max_ongoing_requests}
+    model_opts = {"ray_actor_options": a.actor_options(gpu=True), **common}
+    cpu_opts = {"ray_actor_options": a.actor_options(gpu=False), **common}
+
+    encoder = QueryEncoder.options(name="QueryEncoder", num_replicas=a.replicas.encoder, **model_opts).bind(
+        model_uri, storage, a.device(), a.torch_threads, *batching)
+    experts = {
+        p: ExpertHead.options(name=expert_deployment(p), num_replicas=a.replicas.expert, user_config={"fail": False},
+                              **model_opts).bind(p, model_uri, storage, a.device(), a.torch_threads, *batching)
+        for p in model_manifest["platforms"]
+    }
+    n = len(index_manifest["shards"])
+    shards = [
+        IndexShard.options(name=shard_deployment(i), num_replicas=a.replicas.shard,
+                           user_config={"index_build": build}, **cpu_opts).bind(
+            i, n, a.index_root(), model_uri, storage, build, a.thumbnail_px)
+        for i in range(n)
+    ]
+    options = {"max_query_chars": a.max_query_chars, "api_key": a.api_key,
+               "expert_timeout_s": a.expert_timeout_s, "shard_timeout_s": a.shard_timeout_s}
+    return SearchIngress.options(name="SearchIngress", num_replicas=a.replicas.ingress, **cpu_opts).bind(
+        encoder, experts, shards, list(model_manifest["platforms"]), options)
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def serve_locally(cfg: Config, block: bool = True) -> dict[str, Any]:
+    """`geoloc-ray serve`: start the app for a run's artifacts on this Ray (local or `ray.address`).
+
+    With `block`, serve until Ctrl-C / SIGTERM, then shut Serve down. Without it, return once the app is up
+    (a local Ray instance lives only as long as this process).
+    """
+    from geoloc_ray.artifacts import apply_storage_options
+    from geoloc_ray.runtime import init_ray
+
+    apply_storage_options(cfg)
+    init_ray(cfg)
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(AppArgs.from_config(cfg).model_dump()), name=APP_NAME, route_prefix=s.route_prefix)
+    info = {"url": f"http://{s.host}:{s.port}{s.route_prefix}", "app": APP_NAME, "artifacts": cfg.artifacts}
+    if not block:
+        return info
+    log.info("serving %s on %s (Ctrl-C to stop)", cfg.artifacts, info["url"])
+    _stop_on_sigterm()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+    return info

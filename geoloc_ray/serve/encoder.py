@@ -1,0 +1,63 @@
+"""QueryEncoder deployment: the shared text trunk + the gate, run once per query for all experts.
+
+`@serve.batch` groups concurrent queries into one trunk pass; each answer carries its own trunk output
+(padding trimmed) to the expert deployments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from geoloc_ray import io
+from geoloc_ray.serve.fanout import EncodedQuery
+
+
+def trim_trunk(trunk: Any, row: int) -> Any:
+    """Row `row` of a batched trunk output, cut to that query's own tokens (right padding dropped)."""
+    from geoloc_ray.model.outputs import TextTrunkOutput
+
+    mask = trunk.attention_mask[row]
+    nonzero = mask.nonzero()
+    length = int(nonzero[-1]) + 1 if len(nonzero) else 1
+    return TextTrunkOutput(hidden=trunk.hidden[row : row + 1, :length].clone(),
+                           attention_mask=mask[None, :length].clone(),
+                           pooled=trunk.pooled[row : row + 1].clone()).to("cpu")
+
+
+@serve.deployment
+class QueryEncoder:
+    """Loads the checkpoint without heads: text trunk + gate only (the image trunk is dropped)."""
+
+    def __init__(self, model_uri: str, storage: dict, device: str = "cpu", torch_threads: int = 1,
+                 max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01):
+        import torch
+
+        from geoloc_ray.model import load_model
+
+        io.use_storage_options(storage)
+        torch.set_num_threads(torch_threads)
+        model = load_model(model_uri, device=device, heads=[]).eval()
+        if model.gate is None:
+            raise ValueError(f"{model_uri}: this model has no gate; serve the assembled PE-MoE model (models/moe)")
+        # Queries never touch the image trunk: free its memory (EVA-L is ~1 GB in production).
+        model.image_trunk = torch.nn.Identity()
+        self.model = model
+        self.model_version = model.manifest["model_version"]
+        self.encode.set_max_batch_size(max_batch_size)
+        self.encode.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def encode(self, queries: list[str]) -> list[EncodedQuery]:
+        import torch
+
+        with torch.inference_mode():
+            trunk = self.model.text_trunk_output(queries)
+            gate = self.model.gate(trunk).cpu()
+        platforms = list(self.model.platforms)
+        return [EncodedQuery(trim_trunk(trunk, i), gate[i].tolist(), platforms, self.model_version)
+                for i in range(len(queries))]
+
+    def info(self) -> dict:
+        return {"model_version": self.model_version, "platforms": list(self.model.platforms)}

@@ -1,0 +1,207 @@
+"""SearchIngress: the HTTP face of the graph (FastAPI), fanning a query out to the experts and index shards.
+
+POST /search: validate + clean -> QueryEncoder (trunk + gate) -> the expert heads in parallel -> fused query
+-> the index shards in parallel -> merged top-k. An expert or shard that fails or times out degrades the answer
+(`degraded: true`, named in `failed_experts` / `failed_shards`) instead of failing it.
+"""
+
+import asyncio
+import hmac
+import os
+import time
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Query, Request, Security
+from fastapi.responses import HTMLResponse, Response
+from fastapi.security import APIKeyHeader
+from ray import serve
+
+from geoloc_ray.preprocess.text import clean_query
+from geoloc_ray.serve import schemas
+from geoloc_ray.serve.errors import ApiError, BodyLimit, install_error_handlers
+from geoloc_ray.serve.fanout import finite_or_none, fused_vector, merge_hits
+from geoloc_ray.serve.metrics import NoMetrics
+from geoloc_ray.serve.settings import API_KEY_ENV, expert_deployment, shard_deployment
+
+api = FastAPI(title="geoloc_ray", version="1",
+              description="Text-to-image cross-modal geo-localization (PE-MoE): describe a place, get the "
+                          "matching satellite / drone / ground images.")
+_METRICS: dict[str, Any] = {"m": NoMetrics()}
+
+
+def _count_invalid(request: Request) -> None:
+    if request.url.path.endswith("/search"):
+        _METRICS["m"].answered("invalid")
+
+
+install_error_handlers(api, _count_invalid)
+api.add_middleware(BodyLimit)
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                               description="required only when the server is configured with an API key")
+
+
+async def _call(response: Any, timeout_s: float) -> Any:
+    """Await a DeploymentResponse; past the timeout cancel it and raise TimeoutError."""
+    try:
+        return await asyncio.wait_for(_resolve(response), timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise
+
+
+async def _resolve(response: Any) -> Any:
+    return await response
+
+
+def _result(rank: int, score: float, row: dict[str, Any], root: str) -> dict[str, Any]:
+    image_id = str(row["image_id"])
+    return {"rank": rank, "image_id": image_id, "location_id": str(row["location_id"]),
+            "platform": str(row["platform"]), "score": round(score, 6),
+            "lat": finite_or_none(row.get("lat")), "lon": finite_or_none(row.get("lon")),
+            "thumbnail_url": f"{root}/thumbnail?id={quote(image_id, safe='')}"}
+
+
+# Serve pickles the class when it is decorated: every module-level name it uses must be defined above.
+@serve.deployment
+@serve.ingress(api)
+class SearchIngress:
+    def __init__(self, encoder: Any, experts: dict[str, Any], shards: list[Any], platforms: list[str],
+                 options: dict[str, Any]):
+        import torch  # the fused query is built here with the model library's fuse_query
+
+        from geoloc_ray.serve.metrics import SearchMetrics
+
+        torch.set_num_threads(1)
+        self.encoder, self.experts, self.shards, self.platforms = encoder, experts, shards, list(platforms)
+        self.max_query_chars = int(options["max_query_chars"])
+        self.expert_timeout_s = float(options["expert_timeout_s"])
+        self.shard_timeout_s = float(options["shard_timeout_s"])
+        self.api_key = options.get("api_key") or os.environ.get(API_KEY_ENV) or None
+        self.metrics = _METRICS["m"] = SearchMetrics()
+        self.page = resources.files("geoloc_ray.serve").joinpath("static/index.html").read_text("utf-8")
+
+    def reconfigure(self, user_config: dict | None) -> None:
+        """user_config `api_key` rotates the key without a restart (null/"" turns the check off)."""
+        if user_config and "api_key" in user_config:
+            self.api_key = user_config["api_key"] or None
+
+    # ----- routes ------------------------------------------------------------------------------------------------
+    @api.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def page(self) -> HTMLResponse:
+        return HTMLResponse(self.page)
+
+    @api.get("/healthz", response_model=schemas.Health)
+    async def healthz(self) -> dict:
+        calls = {"QueryEncoder": self.encoder} | {expert_deployment(p): h for p, h in self.experts.items()}
+        calls |= {shard_deployment(i): h for i, h in enumerate(self.shards)}
+        answers = await asyncio.gather(*[_call(h.info.remote(), 5.0) for h in calls.values()],
+                                       return_exceptions=True)
+        components = {name: a if isinstance(a, dict) else {"error": f"{type(a).__name__}: {a}"}
+                      for name, a in zip(calls, answers, strict=True)}
+        ok = all("error" not in c and not c.get("refused") for c in components.values())
+        builds = sorted({c["index_build"] for c in components.values() if "index_build" in c})
+        version = components["QueryEncoder"].get("model_version")
+        return {"status": "ok" if ok else "degraded", "model_version": version,
+                "index_build": ",".join(builds) or None, "components": components}
+
+    @api.post("/search", response_model=schemas.SearchResponse, responses=schemas.ERROR_RESPONSES)
+    async def search(self, body: schemas.SearchRequest, request: Request,
+                     key: str | None = Security(_api_key_header)) -> dict:
+        """Top-k gallery images for a description, ranked by the PE-MoE fused score."""
+        start = time.perf_counter()
+        try:
+            answer = await self._search(body, request, key)
+        except ApiError as exc:
+            self.metrics.answered({401: "unauthorized", 503: "unavailable"}.get(exc.status, "invalid"))
+            raise
+        answer["took_ms"] = round((time.perf_counter() - start) * 1000, 2)
+        self.metrics.answered("degraded" if answer["degraded"] else "ok", answer["took_ms"])
+        return answer
+
+    @api.get("/thumbnail", responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"},
+                                      401: schemas.ERROR_RESPONSES[401],
+                                      404: {"model": schemas.ErrorBody, "description": "no such gallery image"}})
+    async def thumbnail(self, image_id: str = Query(..., alias="id", min_length=1, max_length=512),
+                        key: str | None = Security(_api_key_header)) -> Response:
+        """A gallery image, resized, found by its id in the index metadata (never by a path)."""
+        self._authorize(key)
+        answers = await asyncio.gather(*[_call(s.thumbnail.remote(image_id), self.shard_timeout_s)
+                                         for s in self.shards], return_exceptions=True)
+        for data in answers:
+            if isinstance(data, bytes) and data:
+                return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+        if any(isinstance(a, BaseException) for a in answers):
+            raise ApiError(503, "unavailable", "an index shard did not answer; try again")
+        raise ApiError(404, "not_found", "no gallery image with this id")
+
+    # ----- the search --------------------------------------------------------------------------------------------
+    def _authorize(self, key: str | None) -> None:
+        if self.api_key and not (key and hmac.compare_digest(key.encode(), self.api_key.encode())):
+            raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    def _clean(self, query: str) -> str:
+        if len(query) > self.max_query_chars:
+            raise ApiError(422, "query_too_long", f"the query has {len(query)} characters; at most "
+                                                  f"{self.max_query_chars} are allowed")
+        try:
+            query.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(422, "invalid_query", "the query is not valid Unicode (lone surrogates)") from None
+        cleaned = clean_query(query)
+        if not cleaned:
+            raise ApiError(422, "empty_query", "the query is empty (or only whitespace / control characters)")
+        return cleaned
+
+    async def _search(self, body: schemas.SearchRequest, request: Request, key: str | None) -> dict:
+        self._authorize(key)
+        query = self._clean(body.query)
+        try:
+            enc = await _call(self.encoder.encode.remote(query), self.expert_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the trunk is shared: without it nothing can answer
+            self.metrics.component_failed("QueryEncoder")
+            raise ApiError(503, "unavailable", f"the query encoder did not answer ({type(exc).__name__})") from exc
+        vectors, failed_experts = await self._expert_vectors(enc)
+        if not vectors:
+            raise ApiError(503, "unavailable", f"no expert answered (failed: {', '.join(failed_experts)})")
+        dim = len(next(iter(vectors.values())))
+        qvec, used = fused_vector(enc.gate, enc.platforms, vectors, dim)
+        hits, failed_shards = await self._shard_hits(qvec, body.k, enc.model_version)
+        if not hits:
+            raise ApiError(503, "unavailable", "no index shard answered")
+        root = request.scope.get("root_path", "").rstrip("/")
+        results = [_result(rank, score, row, root) for rank, (score, row) in
+                   enumerate(merge_hits(hits, body.k), start=1)]
+        return {"query": query, "k": body.k, "results": results,
+                "gate": dict(zip(enc.platforms, enc.gate, strict=True)),
+                "weights_used": dict(zip(enc.platforms, used, strict=True)),
+                "degraded": bool(failed_experts or failed_shards), "failed_experts": failed_experts,
+                "failed_shards": failed_shards, "model_version": enc.model_version,
+                "index_build": ",".join(sorted({h.build for h in hits}))}
+
+    async def _expert_vectors(self, enc: Any) -> tuple[dict[str, Any], list[str]]:
+        names = [p for p in enc.platforms if p in self.experts]
+        answers = await asyncio.gather(*[_call(self.experts[p].embed.remote(enc.trunk), self.expert_timeout_s)
+                                         for p in names], return_exceptions=True)
+        vectors, failed = {}, [p for p in enc.platforms if p not in self.experts]
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, BaseException) or answer.model_version != enc.model_version:
+                failed.append(name)
+                self.metrics.component_failed(expert_deployment(name))
+            else:
+                vectors[name] = answer.vector
+        return vectors, failed
+
+    async def _shard_hits(self, qvec: Any, k: int, model_version: str) -> tuple[list[Any], list[int]]:
+        answers = await asyncio.gather(*[_call(s.search.remote(qvec, k), self.shard_timeout_s)
+                                         for s in self.shards], return_exceptions=True)
+        hits, failed = [], []
+        for number, answer in enumerate(answers):
+            if isinstance(answer, BaseException) or answer.model_version != model_version:
+                failed.append(number)
+                self.metrics.component_failed(shard_deployment(number))
+            else:
+                hits.append(answer)
+        return hits, failed
+
