@@ -1,7 +1,7 @@
 """QueryEncoder deployment: the shared text trunk + the gate, run once per query for all experts.
 
 `@serve.batch` groups concurrent queries into one trunk pass; each answer carries its own trunk output
-(padding trimmed) to the expert deployments.
+(`TextTrunkOutput.split`: padding trimmed) to the expert deployments.
 """
 
 from __future__ import annotations
@@ -14,16 +14,11 @@ from geoloc_ray import io
 from geoloc_ray.serve.fanout import EncodedQuery
 
 
-def trim_trunk(trunk: Any, row: int) -> Any:
-    """Row `row` of a batched trunk output, cut to that query's own tokens (right padding dropped)."""
-    from geoloc_ray.model.outputs import TextTrunkOutput
+def own_storage(trunk: Any) -> Any:
+    """A copy that owns its tensors: a slice of the batch would pickle the whole batch's storage."""
+    from dataclasses import fields, replace
 
-    mask = trunk.attention_mask[row]
-    nonzero = mask.nonzero()
-    length = int(nonzero[-1]) + 1 if len(nonzero) else 1
-    return TextTrunkOutput(hidden=trunk.hidden[row : row + 1, :length].clone(),
-                           attention_mask=mask[None, :length].clone(),
-                           pooled=trunk.pooled[row : row + 1].clone()).to("cpu")
+    return replace(trunk, **{f.name: getattr(trunk, f.name).cpu().clone() for f in fields(trunk)})
 
 
 @serve.deployment
@@ -56,8 +51,8 @@ class QueryEncoder:
             trunk = self.model.text_trunk_output(queries)
             gate = self.model.gate(trunk).cpu()
         platforms = list(self.model.platforms)
-        return [EncodedQuery(trim_trunk(trunk, i), gate[i].tolist(), platforms, self.model_version)
-                for i in range(len(queries))]
+        return [EncodedQuery(own_storage(part), g.tolist(), platforms, self.model_version)
+                for part, g in zip(trunk.split(), gate, strict=True)]
 
     def info(self) -> dict:
         return {"model_version": self.model_version, "platforms": list(self.model.platforms)}

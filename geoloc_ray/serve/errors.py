@@ -38,6 +38,8 @@ def error_response(status: int, code: str, detail: str, errors: list[dict] | Non
 
 
 def _status_code_name(status: int) -> str:
+    if status == 413:  # Python's phrase is the old "Request Entity Too Large" (RFC 9110: Content Too Large)
+        return "content_too_large"
     try:
         return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
     except ValueError:

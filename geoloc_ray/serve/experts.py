@@ -7,29 +7,12 @@ the ingress's degraded answers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
 
 from geoloc_ray import io
 from geoloc_ray.serve.fanout import ExpertVector
-
-
-def stack_trunks(trunks: Sequence[Any]) -> Any:
-    """One batched TextTrunkOutput from single-query ones of different lengths (zero padding, mask 0)."""
-    import torch
-
-    from geoloc_ray.model.outputs import TextTrunkOutput
-
-    length = max(t.hidden.shape[1] for t in trunks)
-    hidden = torch.zeros(len(trunks), length, trunks[0].hidden.shape[2], dtype=trunks[0].hidden.dtype)
-    mask = torch.zeros(len(trunks), length, dtype=trunks[0].attention_mask.dtype)
-    for i, t in enumerate(trunks):
-        n = t.hidden.shape[1]
-        hidden[i, :n] = t.hidden[0]
-        mask[i, :n] = t.attention_mask[0]
-    return TextTrunkOutput(hidden=hidden, attention_mask=mask, pooled=torch.cat([t.pooled for t in trunks]))
 
 
 class InjectedFailure(RuntimeError):
@@ -61,10 +44,12 @@ class ExpertHead:
     async def embed(self, trunks: list[Any]) -> list[ExpertVector]:
         import torch
 
+        from geoloc_ray.model.outputs import TextTrunkOutput
+
         if self.fail:
             raise InjectedFailure(f"expert {self.platform}: failing on purpose (user_config fail: true)")
         with torch.inference_mode():
-            vectors = self.head.text(stack_trunks(trunks).to(self.device)).float().cpu().numpy()
+            vectors = self.head.text(TextTrunkOutput.cat(trunks).to(self.device)).float().cpu().numpy()
         return [ExpertVector(self.platform, v, self.model_version) for v in vectors]
 
     def info(self) -> dict:

@@ -68,7 +68,7 @@ def fused_vector(gate: Sequence[float], platforms: Sequence[str], answers: Mappi
 
     answered = [answers.get(p) is not None for p in platforms]
     weights = renormalised_weights(gate, answered)
-    parts = [torch.as_tensor(answers[p]).reshape(1, -1) if ok else torch.zeros(1, dim)
+    parts = [torch.tensor(np.asarray(answers[p], np.float32)).reshape(1, -1) if ok else torch.zeros(1, dim)
              for p, ok in zip(platforms, answered, strict=True)]
     fused = fuse_query(parts, torch.tensor([weights], dtype=torch.float32))
     return fused[0].numpy().astype(np.float32), weights

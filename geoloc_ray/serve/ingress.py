@@ -20,6 +20,7 @@ from ray import serve
 
 from geoloc_ray.preprocess.text import clean_query
 from geoloc_ray.serve import schemas
+from geoloc_ray.serve.breaker import Breaker, is_unavailable
 from geoloc_ray.serve.errors import ApiError, BodyLimit, install_error_handlers
 from geoloc_ray.serve.fanout import finite_or_none, fused_vector, merge_hits
 from geoloc_ray.serve.metrics import NoMetrics
@@ -55,6 +56,10 @@ async def _resolve(response: Any) -> Any:
     return await response
 
 
+class ComponentDown(RuntimeError):
+    """A component the breaker is leaving out until its probe answers."""
+
+
 def _result(rank: int, score: float, row: dict[str, Any], root: str) -> dict[str, Any]:
     image_id = str(row["image_id"])
     return {"rank": rank, "image_id": image_id, "location_id": str(row["location_id"]),
@@ -80,6 +85,7 @@ class SearchIngress:
         self.shard_timeout_s = float(options["shard_timeout_s"])
         self.api_key = options.get("api_key") or os.environ.get(API_KEY_ENV) or None
         self.metrics = _METRICS["m"] = SearchMetrics()
+        self.breaker = Breaker()
         self.page = resources.files("geoloc_ray.serve").joinpath("static/index.html").read_text("utf-8")
 
     def reconfigure(self, user_config: dict | None) -> None:
@@ -100,11 +106,11 @@ class SearchIngress:
                                        return_exceptions=True)
         components = {name: a if isinstance(a, dict) else {"error": f"{type(a).__name__}: {a}"}
                       for name, a in zip(calls, answers, strict=True)}
-        ok = all("error" not in c and not c.get("refused") for c in components.values())
+        ok = not self.breaker.down and all("error" not in c and not c.get("refused") for c in components.values())
         builds = sorted({c["index_build"] for c in components.values() if "index_build" in c})
         version = components["QueryEncoder"].get("model_version")
         return {"status": "ok" if ok else "degraded", "model_version": version,
-                "index_build": ",".join(builds) or None, "components": components}
+                "index_build": ",".join(builds) or None, "components": components, "down": sorted(self.breaker.down)}
 
     @api.post("/search", response_model=schemas.SearchResponse, responses=schemas.ERROR_RESPONSES)
     async def search(self, body: schemas.SearchRequest, request: Request,
@@ -127,8 +133,9 @@ class SearchIngress:
                         key: str | None = Security(_api_key_header)) -> Response:
         """A gallery image, resized, found by its id in the index metadata (never by a path)."""
         self._authorize(key)
-        answers = await asyncio.gather(*[_call(s.thumbnail.remote(image_id), self.shard_timeout_s)
-                                         for s in self.shards], return_exceptions=True)
+        answers = await asyncio.gather(*[self._guarded(shard_deployment(i), s, "thumbnail", image_id,
+                                                       timeout_s=self.shard_timeout_s)
+                                         for i, s in enumerate(self.shards)], return_exceptions=True)
         for data in answers:
             if isinstance(data, bytes) and data:
                 return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -137,6 +144,17 @@ class SearchIngress:
         raise ApiError(404, "not_found", "no gallery image with this id")
 
     # ----- the search --------------------------------------------------------------------------------------------
+    async def _guarded(self, name: str, handle: Any, method: str, *args: Any, timeout_s: float) -> Any:
+        """One call to a component; a timeout or a dead replica marks it down (see breaker.py)."""
+        if self.breaker.is_down(name):
+            raise ComponentDown(f"{name} is restarting")
+        try:
+            return await _call(getattr(handle, method).remote(*args), timeout_s)
+        except Exception as exc:
+            if is_unavailable(exc):
+                self.breaker.trip(name, lambda: _call(handle.info.remote(), 2.0))
+            raise
+
     def _authorize(self, key: str | None) -> None:
         if self.api_key and not (key and hmac.compare_digest(key.encode(), self.api_key.encode())):
             raise ApiError(401, "unauthorized", "missing or wrong X-API-Key header")
@@ -158,7 +176,7 @@ class SearchIngress:
         self._authorize(key)
         query = self._clean(body.query)
         try:
-            enc = await _call(self.encoder.encode.remote(query), self.expert_timeout_s)
+            enc = await self._guarded("QueryEncoder", self.encoder, "encode", query, timeout_s=self.expert_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the trunk is shared: without it nothing can answer
             self.metrics.component_failed("QueryEncoder")
             raise ApiError(503, "unavailable", f"the query encoder did not answer ({type(exc).__name__})") from exc
@@ -182,7 +200,8 @@ class SearchIngress:
 
     async def _expert_vectors(self, enc: Any) -> tuple[dict[str, Any], list[str]]:
         names = [p for p in enc.platforms if p in self.experts]
-        answers = await asyncio.gather(*[_call(self.experts[p].embed.remote(enc.trunk), self.expert_timeout_s)
+        answers = await asyncio.gather(*[self._guarded(expert_deployment(p), self.experts[p], "embed", enc.trunk,
+                                                       timeout_s=self.expert_timeout_s)
                                          for p in names], return_exceptions=True)
         vectors, failed = {}, [p for p in enc.platforms if p not in self.experts]
         for name, answer in zip(names, answers, strict=True):
@@ -194,8 +213,9 @@ class SearchIngress:
         return vectors, failed
 
     async def _shard_hits(self, qvec: Any, k: int, model_version: str) -> tuple[list[Any], list[int]]:
-        answers = await asyncio.gather(*[_call(s.search.remote(qvec, k), self.shard_timeout_s)
-                                         for s in self.shards], return_exceptions=True)
+        answers = await asyncio.gather(*[self._guarded(shard_deployment(i), s, "search", qvec, k,
+                                                       timeout_s=self.shard_timeout_s)
+                                         for i, s in enumerate(self.shards)], return_exceptions=True)
         hits, failed = [], []
         for number, answer in enumerate(answers):
             if isinstance(answer, BaseException) or answer.model_version != model_version:

@@ -59,6 +59,7 @@ class Health(BaseModel):
     model_version: str | None = None
     index_build: str | None = None
     components: dict[str, dict]
+    down: list[str] = Field(default_factory=list, description="components searches leave out until they answer")
 
 
 ERROR_RESPONSES: dict[int | str, dict] = {

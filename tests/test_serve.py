@@ -1,0 +1,190 @@
+"""Serve pieces without Ray: degradation maths, shard merging, app args, serve_config.yaml, body limit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geoloc_ray.serve.fanout import ShardHits, finite_or_none, fused_vector, merge_hits, renormalised_weights
+from geoloc_ray.serve.settings import AppArgs
+
+REPO = Path(__file__).resolve().parent.parent
+PLATFORMS = ["satellite", "drone", "ground"]
+
+
+def test_import_is_light():
+    code = "import sys, geoloc_ray.serve; print(sorted(m for m in ('torch', 'ray', 'fastapi') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+def test_renormalised_weights():
+    assert renormalised_weights([0.5, 0.3, 0.2], [True, True, True]) == pytest.approx([0.5, 0.3, 0.2])
+    assert renormalised_weights([0.5, 0.3, 0.2], [True, False, True]) == pytest.approx([0.5 / 0.7, 0, 0.2 / 0.7])
+    assert renormalised_weights([1.0, 0.0, 0.0], [False, True, True]) == pytest.approx([0, 0.5, 0.5])
+    assert renormalised_weights([0.2, 0.3, 0.5], [False, False, False]) == [0, 0, 0]
+
+
+def _unit(rng, d):
+    v = rng.normal(size=d).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_fused_vector_scores_are_the_gated_expert_cosines():
+    rng = np.random.default_rng(0)
+    t = {p: _unit(rng, 8) for p in PLATFORMS}
+    v = {p: _unit(rng, 8) for p in PLATFORMS}
+    gallery = np.concatenate([v[p] for p in PLATFORMS])
+    gate = [0.5, 0.3, 0.2]
+    q, used = fused_vector(gate, PLATFORMS, t, 8)
+    assert used == pytest.approx(gate)
+    assert q @ gallery == pytest.approx(sum(g * t[p] @ v[p] for g, p in zip(gate, PLATFORMS, strict=True)))
+    q, used = fused_vector(gate, PLATFORMS, {**t, "drone": None}, 8)  # the drone expert did not answer
+    assert used == pytest.approx([0.5 / 0.7, 0.0, 0.2 / 0.7])
+    assert np.all(q[8:16] == 0)
+    assert q @ gallery == pytest.approx((0.5 * t["satellite"] @ v["satellite"] + 0.2 * t["ground"] @ v["ground"]) / 0.7)
+
+
+def test_merge_hits_orders_across_shards_and_truncates():
+    a = ShardHits(0, "b1", "m", [0.9, 0.5, 0.1], [{"image_id": "a0"}, {"image_id": "a1"}, {"image_id": "a2"}])
+    b = ShardHits(1, "b1", "m", [0.7, 0.6], [{"image_id": "b0"}, {"image_id": "b1"}])
+    merged = merge_hits([a, b], 4)
+    assert [r["image_id"] for _, r in merged] == ["a0", "b0", "b1", "a1"]
+    assert [s for s, _ in merged] == pytest.approx([0.9, 0.7, 0.6, 0.5])
+    assert len(merge_hits([a, b], 100)) == 5
+    assert merge_hits([ShardHits(0, "b1", "m", [], [])], 3) == []
+
+
+def test_finite_or_none():
+    assert finite_or_none(1.5) == 1.5 and finite_or_none(np.float32(2)) == 2.0
+    assert finite_or_none(float("nan")) is None and finite_or_none(None) is None and finite_or_none("x") is None
+
+
+def test_app_args(tmp_path, monkeypatch):
+    from geoloc_ray.config import Config
+
+    a = AppArgs(artifacts="runs/demo")
+    assert (a.num_cpus, a.max_query_chars, a.index_build, a.replicas.expert) == (0.25, 1000, "latest", 1)
+    monkeypatch.chdir(tmp_path)
+    assert a.model_uri() == str(tmp_path / "runs/demo/models/moe")  # made absolute where build_app runs
+    assert AppArgs(artifacts="s3://bucket/run").index_root() == "s3://bucket/run/index"
+    with pytest.raises(ValueError, match="top_k"):
+        AppArgs.model_validate({"artifacts": "x", "top_k": 3})
+    with pytest.raises(ValueError):
+        AppArgs(artifacts="x", num_cpus=0)
+    cfg = Config.model_validate({"artifacts": "runs/x", "serve": {"api_key": "k", "expert_replicas": 2}})
+    b = AppArgs.from_config(cfg)
+    assert (b.artifacts, b.api_key, b.replicas.expert) == ("runs/x", "k", 2)
+    assert AppArgs(artifacts="x", num_gpus=0.5).actor_options(gpu=True) == {"num_cpus": 0.25, "num_gpus": 0.5}
+    assert AppArgs(artifacts="x", num_gpus=0.5).actor_options(gpu=False) == {"num_cpus": 0.25}
+
+
+def test_serve_config_yaml_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    app = config.applications[0]
+    assert app.import_path == "geoloc_ray.serve.app:build_app"
+    args = AppArgs.model_validate(app.args)
+    assert args.num_cpus * 7 <= 2  # ingress + encoder + 3 experts + 1 shard (+1 autoscaled encoder) on 2 CPUs
+    names = {d.name for d in app.deployments}
+    assert names <= {"SearchIngress", "QueryEncoder", "ExpertHead_satellite", "ExpertHead_drone",
+                     "ExpertHead_ground", "IndexShard_0"}
+
+
+def _fake_run(root: Path, index_version: str) -> None:
+    """Just the manifests build_app reads (it binds deployments; nothing starts)."""
+    (root / "models/moe").mkdir(parents=True)
+    (root / "models/moe/manifest.json").write_text(json.dumps({"model_version": "v1", "platforms": PLATFORMS}))
+    (root / "index/build-1").mkdir(parents=True)
+    (root / "index/LATEST.json").write_text(json.dumps({"build": "build-1"}))
+    manifest = {"build": "build-1", "model_version": index_version, "shards": [{"file": "s0"}, {"file": "s1"}]}
+    (root / "index/build-1/manifest.json").write_text(json.dumps(manifest))
+
+
+def test_build_app_binds_the_graph_and_refuses_a_mismatched_index(tmp_path):
+    from ray.serve import Application
+
+    from geoloc_ray.index.store import IndexMismatchError
+    from geoloc_ray.serve.app import build_app
+
+    _fake_run(tmp_path / "good", "v1")
+    assert isinstance(build_app({"artifacts": str(tmp_path / "good")}), Application)
+    _fake_run(tmp_path / "bad", "v2")
+    with pytest.raises(IndexMismatchError, match="rebuild the index"):
+        build_app({"artifacts": str(tmp_path / "bad")})
+    with pytest.raises(FileNotFoundError, match="no trained model"):
+        build_app({"artifacts": str(tmp_path / "none")})
+    with pytest.raises(ValueError, match="build folder name"):
+        build_app({"artifacts": str(tmp_path / "good"), "index_build": "../good/index/build-1"})
+
+
+def test_body_limit_answers_json_413():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from geoloc_ray.serve.errors import BodyLimit, install_error_handlers
+
+    api = FastAPI()
+    install_error_handlers(api, lambda request: None)
+    api.add_middleware(BodyLimit, max_bytes=100)
+
+    @api.post("/echo")
+    async def echo(body: dict) -> dict:
+        return body
+
+    client = TestClient(api)
+    assert client.post("/echo", json={"a": 1}).json() == {"a": 1}
+    r = client.post("/echo", json={"a": "x" * 200})
+    assert r.status_code == 413 and r.json()["error"] == "content_too_large"
+
+    def chunks():  # no Content-Length: counted while read
+        yield b'{"a": "'
+        yield b"x" * 200
+        yield b'"}'
+
+    r = client.post("/echo", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "content_too_large", r.text
+
+
+def test_breaker_leaves_a_component_out_until_its_probe_answers():
+    import asyncio
+
+    from geoloc_ray.serve.breaker import Breaker
+
+    async def scenario() -> list[bool]:
+        breaker, calls = Breaker(probe_every_s=0.01), []
+
+        async def probe():
+            calls.append(1)
+            if len(calls) < 3:
+                raise TimeoutError("still restarting")
+
+        breaker.trip("ExpertHead_drone", probe)
+        breaker.trip("ExpertHead_drone", probe)  # already down: no second probe
+        seen = [breaker.is_down("ExpertHead_drone"), breaker.is_down("ExpertHead_ground")]
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if not breaker.is_down("ExpertHead_drone"):
+                break
+        return [*seen, breaker.is_down("ExpertHead_drone"), len(calls) == 3]
+
+    assert asyncio.run(scenario()) == [True, False, False, True]
+
+
+def test_only_timeouts_and_dead_replicas_mark_a_component_down():
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from geoloc_ray.serve.breaker import is_unavailable
+    from geoloc_ray.serve.experts import InjectedFailure
+
+    raised_in_replica = RayTaskError("embed", "Traceback ...", InjectedFailure("drill")).as_instanceof_cause()
+    assert isinstance(raised_in_replica, InjectedFailure) and not is_unavailable(raised_in_replica)
+    assert is_unavailable(TimeoutError()) and is_unavailable(ActorDiedError())
