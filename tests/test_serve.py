@@ -58,6 +58,10 @@ def test_merge_hits_orders_across_shards_and_truncates():
     assert [s for s, _ in merged] == pytest.approx([0.9, 0.7, 0.6, 0.5])
     assert len(merge_hits([a, b], 100)) == 5
     assert merge_hits([ShardHits(0, "b1", "m", [], [])], 3) == []
+    c = ShardHits(1, "b2", "m", [0.95, 0.4], [{"image_id": "a1"}, {"image_id": "c1"}])  # mid-swap: a1 twice
+    merged = merge_hits([a, c], 3)
+    assert [r["image_id"] for _, r in merged] == ["a1", "a0", "c1"]
+    assert [s for s, _ in merged] == pytest.approx([0.95, 0.9, 0.4])
 
 
 def test_finite_or_none():

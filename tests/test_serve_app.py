@@ -336,13 +336,15 @@ def _shard_states(served) -> dict[str, dict]:
     return {n: c for n, c in health["components"].items() if n.startswith("IndexShard_")}
 
 
-def test_index_hot_swap_in_place_and_refusal(served):
+def _shard_actors() -> set[str]:
     import ray
 
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "IndexShard_" in a["name"]}
+
+
+def test_index_hot_swap_in_place_and_refusal(served):
     run = served.run
-    shard_actors = lambda: {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)  # noqa: E731
-                            if "IndexShard_" in a["name"]}
-    before = shard_actors()
+    before = _shard_actors()
     # Only the shards' user_config changes (args stay the same): Serve reconfigures the running replicas.
     config = app_config(run, run.build_a, expert_timeout_s=5.0, shard_timeout_s=5.0)
     config["applications"][0]["deployments"] = [
@@ -354,7 +356,7 @@ def test_index_hot_swap_in_place_and_refusal(served):
         assert r.status_code == 200 and not r.json()["degraded"], r.text  # answering all through the swap
         time.sleep(0.2)
     assert {s["index_build"] for s in _shard_states(served).values()} == {run.build_b}
-    assert shard_actors() == before  # the same replicas: reconfigured in place, not replaced
+    assert _shard_actors() == before  # the same replicas: reconfigured in place, not replaced
     body = served.search({"query": "a tall building with a red roof next to a parking lot", "k": 30}).json()
     assert body["index_build"] == run.build_b and len(body["results"]) == 30
     ids, _ = offline_top(run, run.build_b, "a tall building with a red roof next to a parking lot", 30)

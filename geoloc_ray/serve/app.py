@@ -67,7 +67,7 @@ def build_app(args: dict[str, Any]) -> Application:
     options = {"max_query_chars": a.max_query_chars, "api_key": a.api_key,
                "expert_timeout_s": a.expert_timeout_s, "shard_timeout_s": a.shard_timeout_s}
     return SearchIngress.options(name="SearchIngress", num_replicas=a.replicas.ingress, **cpu_opts).bind(
-        encoder, experts, shards, list(model_manifest["platforms"]), options)
+        encoder, experts, shards, options)
 
 
 def _stop_on_sigterm() -> None:

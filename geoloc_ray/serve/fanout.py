@@ -75,7 +75,11 @@ def fused_vector(gate: Sequence[float], platforms: Sequence[str], answers: Mappi
 
 
 def merge_hits(hits: Sequence[ShardHits], k: int) -> list[tuple[float, dict[str, Any]]]:
-    """Global top-k over every shard's hits (faiss_index.merge_topk over candidate positions)."""
+    """Global top-k over every shard's hits (faiss_index.merge_topk over candidate positions).
+
+    While an index swap is rolling over the shards, two shards may hold the same image (their builds cut the
+    gallery differently): an image is kept once, at its best score.
+    """
     from geoloc_ray.index.faiss_index import merge_topk
 
     parts, rows, base = [], [], 0
@@ -86,8 +90,13 @@ def merge_hits(hits: Sequence[ShardHits], k: int) -> list[tuple[float, dict[str,
         base += n
     if not rows:
         return []
-    scores, ids = merge_topk(parts, k)
-    return [(float(s), rows[i]) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+    scores, ids = merge_topk(parts, len(rows))
+    out, seen = [], set()
+    for score, i in zip(scores[0], ids[0], strict=True):
+        if i >= 0 and rows[i]["image_id"] not in seen and len(out) < k:
+            seen.add(rows[i]["image_id"])
+            out.append((float(score), rows[i]))
+    return out
 
 
 def finite_or_none(value: Any) -> float | None:

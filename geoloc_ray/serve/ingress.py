@@ -72,14 +72,13 @@ def _result(rank: int, score: float, row: dict[str, Any], root: str) -> dict[str
 @serve.deployment
 @serve.ingress(api)
 class SearchIngress:
-    def __init__(self, encoder: Any, experts: dict[str, Any], shards: list[Any], platforms: list[str],
-                 options: dict[str, Any]):
+    def __init__(self, encoder: Any, experts: dict[str, Any], shards: list[Any], options: dict[str, Any]):
         import torch  # the fused query is built here with the model library's fuse_query
 
         from geoloc_ray.serve.metrics import SearchMetrics
 
         torch.set_num_threads(1)
-        self.encoder, self.experts, self.shards, self.platforms = encoder, experts, shards, list(platforms)
+        self.encoder, self.experts, self.shards = encoder, experts, shards
         self.max_query_chars = int(options["max_query_chars"])
         self.expert_timeout_s = float(options["expert_timeout_s"])
         self.shard_timeout_s = float(options["shard_timeout_s"])
