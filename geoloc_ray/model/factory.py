@@ -23,7 +23,8 @@ def build_model(model_cfg: ModelConfig, heads: Sequence[str] = ("unified",), gat
     Every head starts from the pretrained last layers (its own copy) and a fresh projection. `device="meta"`
     builds the architecture only (no weights, no tokenizer). `image_pretrained=False` skips downloading the
     image tower's pretrained weights (a checkpoint is about to overwrite them). After building, both trunks
-    are frozen and heads + gate are trainable; call `set_trainable` to choose otherwise.
+    are frozen and heads + gate are trainable; call `set_trainable` to choose otherwise. `seed` seeds torch's
+    global RNG before the random inits (projections, gate, an image tower trained from scratch).
     """
     if seed is not None:
         torch.manual_seed(seed)

@@ -165,7 +165,9 @@ class TextTail(nn.Module):
 
 def split_text_encoder(encoder: nn.Module, expert_layers: int, pooling: str) -> tuple[TextTrunk, TextTail]:
     """Cut a BERT-like encoder into (trunk, tail template); the template is deep-copied per expert."""
-    layers = encoder.encoder.layer
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if layers is None or not hasattr(encoder, "embeddings"):
+        raise ValueError(f"text tower {type(encoder).__name__}: need a BERT-like encoder (embeddings + encoder.layer)")
     n = len(layers)
     if not 0 < expert_layers < n:
         raise ValueError(f"text expert_layers={expert_layers} must be in 1..{n - 1} for a {n}-layer encoder")
