@@ -168,10 +168,14 @@ def test_pipeline_as_a_ray_job(local_cluster: LocalCluster, tmp_path: Path) -> N
     assert synth.returncode == 0, synth.stderr
     job_id = f"geoloc-e2e-{os.getpid()}-{int(time.time())}"
     overrides = [f"data.root={world}", f"artifacts={runs}", *TINY]
-    submitted = local_cluster.ray(
-        "job", "submit", "--address", local_cluster.address, "--submission-id", job_id, "--no-wait",
-        "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
-        "python", "jobs/pipeline.py", *(a for o in overrides for a in ("--set", o)))
+    submit = ["job", "submit", "--address", local_cluster.address, "--submission-id", job_id, "--no-wait",
+              "--working-dir", ".", "--runtime-env", "jobs/runtime_env.yaml", "--",
+              "python", "jobs/pipeline.py", *(a for o in overrides for a in ("--set", o))]
+    for _ in range(3):  # the head's job agent may still be registering right after `ray start`
+        submitted = local_cluster.ray(*submit)
+        if submitted.returncode == 0 or "try again later" not in submitted.stderr:
+            break
+        time.sleep(5)
     assert submitted.returncode == 0, f"ray job submit failed:\n{submitted.stdout}\n{submitted.stderr}"
 
     status = _wait_for_job(local_cluster, job_id)
