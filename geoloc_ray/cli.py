@@ -78,6 +78,9 @@ def _print(result: Any) -> None:
 
 def run(args: argparse.Namespace) -> Any:
     cfg = load_config(args.config, args.overrides)
+    from geoloc_ray.artifacts import apply_storage_options
+
+    apply_storage_options(cfg)
     if args.command == "synth":
         s = cfg.synth
         return _call("geoloc_ray.corpus.synth", "synth_world", args.out,
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each SIMD build it probes
     try:
         _print(run(args))
     except ConfigError as exc:

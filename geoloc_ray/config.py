@@ -140,6 +140,8 @@ class HardNegativeConfig(_Model):
 class StageConfig(_Model):
     epochs: int = Field(1, ge=0)
     lr: float = Field(2e-5, gt=0)
+    # Small subsets (satellite: one image per location) get at least this many optimizer steps.
+    min_steps: int = Field(0, ge=0)
 
 
 class TrainConfig(_Model):
@@ -151,6 +153,12 @@ class TrainConfig(_Model):
     batch_size: int = Field(128, ge=2)
     weight_decay: float = Field(1e-4, ge=0)
     temperature: float = Field(0.05, gt=0)
+    # Training texts join 1..N of an image's short statements, like a query naming several attributes.
+    statements_per_text: int = Field(3, ge=1)
+    # Pretrained text layers in the heads learn at lr * text_lr_scale (the rest is fresh or from scratch).
+    text_lr_scale: float = Field(0.1, gt=0)
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warmup, then cosine decay to 10% of lr
+    bf16: bool = True  # autocast matmuls to bfloat16 (CPUs with AVX512-BF16/AMX, and GPUs)
     stage0: StageConfig = Field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
     stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=4, lr=2e-4))
     stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=2, lr=1e-4))

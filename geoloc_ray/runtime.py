@@ -16,10 +16,13 @@ def init_ray(cfg: Config | None = None, **overrides) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     rc = cfg.ray if cfg is not None else None
     address = overrides.pop("address", None) or (rc.address if rc else None) or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True, "runtime_env": _runtime_env()}
-    if address:
+    kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
+    if address or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        # A submitted job (or a given cluster) owns its runtime env: adding env vars here would fail to merge
+        # with the job's. Storage options still reach workers: stages pass them explicitly.
         kwargs["address"] = address
     else:
+        kwargs["runtime_env"] = _runtime_env()
         kwargs["num_cpus"] = rc.num_cpus if rc and rc.num_cpus else None
         kwargs["include_dashboard"] = rc.include_dashboard if rc else False
         if rc and rc.object_store_memory:

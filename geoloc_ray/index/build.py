@@ -24,11 +24,13 @@ def gallery_dataset(cfg: Config):
 def write_build(cfg: Config, frame, model_manifest: dict[str, Any], model_uri: str) -> dict[str, Any]:
     """Write shards + metadata + manifest under a new build folder, then switch `LATEST.json` to it."""
     vectors = np.stack(frame["embedding"].to_numpy()).astype(np.float32)
-    spec = choose_spec(len(vectors), vectors.shape[1], cfg.index)
+    parts = shard_rows(len(vectors), cfg.index.shards)
+    # Each shard is its own faiss index: size the index (exact or not, IVF lists) for a shard, not the gallery.
+    spec = choose_spec(max(len(r) for r in parts), vectors.shape[1], cfg.index)
     build_id = f"build-{time.strftime('%Y%m%d-%H%M%S')}-{model_manifest['model_version'][:8]}"
     build_uri = io.join(artifacts.index_dir(cfg), build_id)
     shards = []
-    for number, rows in enumerate(shard_rows(len(vectors), cfg.index.shards)):
+    for number, rows in enumerate(parts):
         data = serialize(build_index(vectors[rows], spec, seed=cfg.seed))
         name = f"shard-{number:03d}.faiss"
         io.write_bytes(io.join(build_uri, name), data)

@@ -27,6 +27,15 @@ def location_codes(*groups) -> list[torch.Tensor]:
     return out
 
 
-def sample_texts(texts_column: Sequence[Sequence[str]], rng: np.random.Generator) -> list[str]:
-    """One of each image's texts, drawn anew every epoch (an image has several statements)."""
-    return [str(t[rng.integers(len(t))]) for t in texts_column]
+def sample_texts(texts_column: Sequence[Sequence[str]], rng: np.random.Generator, max_statements: int = 1
+                 ) -> list[str]:
+    """A query-like text per image, drawn anew each step: 1..max_statements of its statements, joined.
+
+    Single statements name one attribute and match many images; test queries name 2-4 at once.
+    """
+    out = []
+    for texts in texts_column:
+        n = int(rng.integers(1, min(max_statements, len(texts)) + 1))
+        picked = rng.choice(len(texts), size=n, replace=False)
+        out.append(", ".join(str(texts[i]).rstrip(". ") for i in sorted(picked)))
+    return out

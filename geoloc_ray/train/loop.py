@@ -30,11 +30,12 @@ class JobSpec:
     kind: str  # pairs | triplets | gate
     head: str | None = None  # the head being trained (None for the gate)
     init: str | None = None  # model URI to start from (None: build fresh from config)
-    init_head: str | None = None  # copy this head of `init` into `head` (experts start from `aligned`)
+    init_head: str | None = None  # start `head` as a copy of this head of `init` (heads start from stage 0's)
     image_trunk: bool = False  # train the image trunk too (stage 0 of the embedded default)
     epochs: int = 1
     lr: float = 2e-5
     seed: int = 0
+    steps_per_epoch: int = 1  # for the learning-rate schedule (the driver counts the dataset)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,7 +48,7 @@ def _init_model(cfg: Config, job: JobSpec):
         model = build_model(cfg.model, heads=[job.head], gate=False, seed=job.seed)
     else:
         model = load_model(job.init)
-        if job.init_head is not None and job.head is not None:
+        if job.init_head is not None and job.head is not None and job.init_head != job.head:
             model.copy_head(job.init_head, job.head)
         for name in [n for n in model.head_names if n != job.head]:
             del model.heads[name]  # an expert run carries only its own head
@@ -58,7 +59,32 @@ def _init_model(cfg: Config, job: JobSpec):
     return model
 
 
-def _restore(optimizer) -> tuple[Any, int]:
+def make_optimizer(model, job: JobSpec, cfg: Config):
+    """AdamW with the pretrained text layers at a smaller lr; linear warmup then cosine decay."""
+    import math
+
+    import torch
+
+    text_tail = {id(p) for name, p in model.named_parameters() if ".text.tail." in name}
+    params = model.trainable_parameters()
+    groups = [
+        {"params": [p for p in params if id(p) not in text_tail], "lr": job.lr},
+        {"params": [p for p in params if id(p) in text_tail], "lr": job.lr * cfg.train.text_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.train.weight_decay)
+    total = max(1, job.epochs * job.steps_per_epoch)
+    warmup = int(cfg.train.warmup_fraction * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _restore() -> tuple[Any, int]:
     """(model, first epoch) from the last reported checkpoint, or (None, 0) on a fresh start."""
     import ray.train
     import torch
@@ -75,7 +101,7 @@ def _restore(optimizer) -> tuple[Any, int]:
     return (model, opt_state), int(state["epoch"]) + 1
 
 
-def _report(model, optimizer, cfg: Config, job: JobSpec, metrics: dict[str, Any]) -> None:
+def _report(model, optimizer, scheduler, cfg: Config, job: JobSpec, metrics: dict[str, Any]) -> None:
     """Every rank reports; rank 0 attaches the checkpoint (weights as safetensors + optimizer + epoch)."""
     import ray.train
     import torch
@@ -87,7 +113,8 @@ def _report(model, optimizer, cfg: Config, job: JobSpec, metrics: dict[str, Any]
         return
     with tempfile.TemporaryDirectory() as d:
         save_model(model, d, cfg, extra={"job": job.to_dict(), "epoch": metrics["epoch"]})
-        torch.save(optimizer.state_dict(), os.path.join(d, OPTIMIZER_FILE))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   os.path.join(d, OPTIMIZER_FILE))
         with open(os.path.join(d, STATE_FILE), "w") as f:
             json.dump({"epoch": metrics["epoch"], "job": job.to_dict()}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -97,25 +124,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from geoloc_ray import artifacts
     from geoloc_ray.train import steps
 
     cfg = Config.model_validate(config["cfg"])
+    artifacts.apply_storage_options(cfg)  # this worker may read s3:// checkpoints through a custom endpoint
     job = JobSpec(**config["job"])
     ctx = ray.train.get_context()
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(job.seed + ctx.get_world_rank())
     rng = np.random.default_rng(job.seed + 1000 * ctx.get_world_rank())
 
-    model = _init_model(cfg, job)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=job.lr, weight_decay=cfg.train.weight_decay)
-    restored, start_epoch = _restore(optimizer)
-    if restored is not None:
+    restored, start_epoch = _restore()
+    if restored is None:
+        model = _init_model(cfg, job)
+    else:
+        print(f"[{job.name}] resuming from the checkpoint of epoch {start_epoch - 1}", flush=True)
         model, opt_state = restored
         model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
                             gate=job.kind == "gate")
-        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=job.lr,
-                                      weight_decay=cfg.train.weight_decay)
-        optimizer.load_state_dict(opt_state)
+    optimizer, scheduler = make_optimizer(model, job, cfg)
+    if restored is not None:
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
     device = ray.train.torch.get_device()
     model.to(device)
     steps.broadcast_parameters(model)
@@ -134,6 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss.backward()
             steps.sync_gradients(params)
             optimizer.step()
+            scheduler.step()
             totals["loss"] += float(loss.detach())
             totals["acc"] += acc
             n_steps += 1
@@ -141,12 +173,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "job": job.name, "epoch": epoch, "steps": n_steps,
             "loss": totals["loss"] / max(n_steps, 1), "batch_acc": totals["acc"] / max(n_steps, 1),
             "epoch_s": time.perf_counter() - t0, "resumed_from_epoch": start_epoch,
+            "lr": optimizer.param_groups[0]["lr"],
         }
         if ctx.get_world_rank() == 0:
             print(f"[{job.name}] epoch {epoch + 1}/{job.epochs} loss {metrics['loss']:.4f} "
                   f"acc {metrics['batch_acc']:.3f} ({n_steps} steps, {metrics['epoch_s']:.1f}s)", flush=True)
         last = epoch == job.epochs - 1
         if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
-            _report(model, optimizer, cfg, job, metrics)
+            _report(model, optimizer, scheduler, cfg, job, metrics)
         else:
             ray.train.report(metrics)

@@ -1,4 +1,11 @@
-"""The training recipe: stage 0 (unified ‖ aligned) -> experts stage 1 ‖ gate -> mining -> experts stage 2.
+"""The training recipe.
+
+stage 0: `unified` on all platforms and the original captions (in the embedded default this also trains the
+image trunk from scratch; afterwards the trunk is frozen, as a pretrained trunk is in production).
+stage 1, in parallel, heads on the frozen trunk, each starting from the stage-0 head: `unified` continued on the
+original captions, `aligned` on the refined captions, the three platform experts on their platform's refined
+captions, and the gate. Then hard-negative mining with the stage-1 experts, and stage 2 for the experts.
+`unified` and `aligned` get the same stage-1 budget, so the ladder compares text sources, not training length.
 
 Every model lands in `models/<name>/` (safetensors + manifest). A model whose manifest carries the current
 training hash is reused, so a resumed job redoes only what is missing.
@@ -24,14 +31,19 @@ def _is_done(uri: str, train_hash: str) -> bool:
     return io.exists(manifest) and io.read_json(manifest).get("extra", {}).get("train_hash") == train_hash
 
 
-def _round(cfg: Config, train_hash: str, specs: list[tuple[JobSpec, Any, str]]) -> dict[str, Any]:
+def _round(cfg: Config, train_hash: str, specs: list[tuple[JobSpec, Any, str]], min_steps: int = 0
+           ) -> dict[str, Any]:
     """Fit the specs whose model is not up to date, concurrently; returns metrics per job."""
     todo = []
     for job, make_dataset, out in specs:
         if _is_done(out, train_hash):
             log.info("%s: up to date at %s, skipped", job.name, out)
             continue
-        todo.append((job, make_dataset(), f"{job.name}-{train_hash}", out))
+        dataset = make_dataset()
+        job.steps_per_epoch = max(1, -(-dataset.count() // cfg.train.batch_size))
+        if job.kind != "gate":
+            job.epochs = max(job.epochs, -(-min_steps // job.steps_per_epoch))
+        todo.append((job, dataset, f"{job.name}-{train_hash}", out))
     if not todo:
         return {}
     results = fit_concurrently(cfg, todo, cfg.train.num_workers, extra={"train_hash": train_hash})
@@ -58,28 +70,30 @@ def run_train(cfg: Config) -> dict[str, Any]:
             raise FileNotFoundError(f"{uri} not found: run `geoloc-ray {stage}` first")
     h = config_hash(cfg, TRAIN_SECTIONS)
     size, t, seed = _image_size(cfg), cfg.train, cfg.seed
-    models = {name: artifacts.model_dir(cfg, name) for name in ("unified", "aligned", "gate", "moe")}
+    names = ("stage0", "unified", "aligned", "gate", "moe")
+    models = {name: artifacts.model_dir(cfg, name) for name in names}
     metrics: dict[str, Any] = {}
 
-    stage0 = [
-        (JobSpec(name=name, kind="pairs", head=name, image_trunk=cfg.model.train_image_trunk_in_stage0,
-                 epochs=t.stage0.epochs, lr=t.stage0.lr, seed=seed),
-         lambda uri=uri: data.pairs_dataset(uri, size), models[name])
-        for name, uri in (("unified", prepared), ("aligned", refined))
-    ]
-    metrics.update(_round(cfg, h, stage0))
+    stage0 = JobSpec(name="stage0", kind="pairs", head="unified", image_trunk=cfg.model.train_image_trunk_in_stage0,
+                     epochs=t.stage0.epochs, lr=t.stage0.lr, seed=seed)
+    metrics.update(_round(cfg, h, [(stage0, lambda: data.pairs_dataset(prepared, size), models["stage0"])],
+                          t.stage0.min_steps))
 
     platforms = list(cfg.model.platforms)
     stage1_uri = {p: artifacts.model_dir(cfg, f"experts/{p}-stage1") for p in platforms}
-    round1 = [
-        (JobSpec(name=f"{p}-stage1", kind="pairs", head=p, init=models["aligned"], init_head="aligned",
-                 epochs=t.stage1.epochs, lr=t.stage1.lr, seed=seed),
-         lambda p=p: data.pairs_dataset(refined, size, platforms=[p]), stage1_uri[p])
-        for p in platforms
-    ]
-    round1.append((JobSpec(name="gate", kind="gate", init=models["aligned"], epochs=t.gate.epochs,
+
+    def head_job(name: str, uri: str, platforms_: list[str] | None, out: str):
+        job = JobSpec(name=f"{name}-stage1" if platforms_ else name, kind="pairs", head=name,
+                      init=models["stage0"], init_head="unified", epochs=t.stage1.epochs, lr=t.stage1.lr,
+                      seed=seed)
+        return job, (lambda: data.pairs_dataset(uri, size, platforms=platforms_)), out
+
+    round1 = [head_job("unified", prepared, None, models["unified"]),
+              head_job("aligned", refined, None, models["aligned"])]
+    round1 += [head_job(p, refined, [p], stage1_uri[p]) for p in platforms]
+    round1.append((JobSpec(name="gate", kind="gate", init=models["stage0"], epochs=t.gate.epochs,
                            lr=t.gate.lr, seed=seed), lambda: data.texts_dataset(refined), models["gate"]))
-    metrics.update(_round(cfg, h, round1))
+    metrics.update(_round(cfg, h, round1, t.stage1.min_steps))
 
     final_uri = stage1_uri
     if t.stage2.epochs > 0:
@@ -93,7 +107,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
              lambda p=p: data.triplets_dataset(mined[p], size), stage2_uri[p])
             for p in platforms
         ]
-        metrics.update(_round(cfg, h, round2))
+        metrics.update(_round(cfg, h, round2, t.stage2.min_steps))
         final_uri = stage2_uri
 
     assemble_moe(cfg, [final_uri[p] for p in platforms], models["gate"], models["moe"], h)

@@ -60,6 +60,11 @@ class _Runner:
     def batches(self, shard, epoch: int) -> Iterator[dict[str, Any]]:
         return _iter(shard, self.cfg.train.batch_size, self.job.seed + epoch)
 
+    def autocast(self):
+        """bf16 matmuls where the hardware has them; the loss itself is computed in fp32."""
+        device_type = torch.device(self.device).type
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+
     def pixels(self, pixels: np.ndarray, platforms: np.ndarray) -> torch.Tensor:
         """Model input; satellite images (only) get the report's augmentation, anew every step."""
         return self.preprocess(pixels, augment=self.augment,
@@ -83,8 +88,10 @@ class PairRunner(_Runner):
     """In-batch InfoNCE on (image, one of its texts)."""
 
     def loss(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, float]:
-        texts = sample_texts(batch["texts"], self.rng)
-        t, v = self.encode(texts, self.pixels(batch["pixels"], batch["platform"]))
+        texts = sample_texts(batch["texts"], self.rng, self.cfg.train.statements_per_text)
+        with self.autocast():
+            t, v = self.encode(texts, self.pixels(batch["pixels"], batch["platform"]))
+        t, v = t.float(), v.float()
         (locs,) = location_codes(batch["location_id"])
         return info_nce(t, v, locs.to(self.device), self.cfg.train.temperature), _accuracy(t, v)
 
@@ -97,7 +104,9 @@ class TripletRunner(_Runner):
         b, n = neg.shape[:2]
         platforms = np.concatenate([batch["platform"], np.repeat(batch["platform"], n)])
         pixels = self.pixels(np.concatenate([pos, neg.reshape(b * n, *neg.shape[2:])]), platforms)
-        t, v_all = self.encode([str(q) for q in batch["query"]], pixels)
+        with self.autocast():
+            t, v_all = self.encode([str(q) for q in batch["query"]], pixels)
+        t, v_all = t.float(), v_all.float()
         v, hard = v_all[:b], v_all[b:]
         locs, hard_locs = location_codes(batch["location_id"], batch["neg_location_ids"])
         loss = info_nce(t, v, locs.to(self.device), self.cfg.train.temperature, hard, hard_locs.to(self.device))

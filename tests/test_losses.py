@@ -1,0 +1,79 @@
+import torch
+import torch.nn.functional as F
+
+from geoloc_ray.train.batches import location_codes, sample_texts
+from geoloc_ray.train.losses import gate_loss, info_nce
+
+
+def _unit(x):
+    return F.normalize(x, dim=-1)
+
+
+def test_info_nce_is_low_for_matching_pairs_and_high_for_shuffled():
+    torch.manual_seed(0)
+    t = _unit(torch.randn(8, 16))
+    locs = torch.arange(8)
+    good = info_nce(t, t.clone(), locs, 0.05)
+    bad = info_nce(t, t[torch.randperm(8)], locs, 0.05)
+    assert good < 0.05 < bad
+
+
+def test_same_location_pairs_are_not_negatives():
+    # two images of one location with the same embedding: without masking they would compete
+    t = _unit(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.01]]))
+    v = t.clone()
+    masked = info_nce(t, v, torch.tensor([0, 1, 0]), 0.05)
+    unmasked = info_nce(t, v, torch.tensor([0, 1, 2]), 0.05)
+    assert masked < 0.01 < unmasked
+
+
+def test_hard_negatives_raise_the_loss_only_when_they_are_close_and_of_another_location():
+    torch.manual_seed(0)
+    t = _unit(torch.randn(4, 8))
+    v = t.clone()
+    locs = torch.arange(4)
+    base = info_nce(t, v, locs, 0.1)
+    far = info_nce(t, v, locs, 0.1, hard_negatives=-t, hard_locations=torch.tensor([10, 11, 12, 13]))
+    near_vectors = _unit(t + 0.05 * torch.randn(4, 8))
+    near = info_nce(t, v, locs, 0.1, hard_negatives=near_vectors, hard_locations=torch.tensor([10, 11, 12, 13]))
+    own = info_nce(t, v, locs, 0.1, hard_negatives=near_vectors, hard_locations=locs)
+    assert torch.isclose(far, base, atol=1e-3)
+    assert near > base + 0.2  # a near-duplicate of another location competes with the positive
+    # hard negative i shares query i's location: masked for query i, so only the far pairs remain
+    assert own < near - 0.2
+
+
+def test_hard_negative_gradient_pushes_the_negative_away():
+    t = _unit(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    hard = _unit(torch.tensor([[0.9, 0.1], [0.1, 0.9]])).requires_grad_()
+    loss = info_nce(t, t.clone(), torch.tensor([0, 1]), 0.1, hard, torch.tensor([5, 6]))
+    loss.backward()
+    # descending the gradient lowers the similarity between query 0 and its hard negative
+    step = hard - 0.1 * hard.grad
+    assert (step[0] @ t[0]) < (hard[0] @ t[0])
+
+
+def test_gate_loss_prefers_the_true_platform():
+    y = torch.tensor([0, 1, 2])
+    right = torch.eye(3) * 5
+    assert gate_loss(right, y) < gate_loss(right[[1, 2, 0]], y)
+
+
+def test_location_codes_are_shared_across_positives_and_nested_negatives():
+    import numpy as np
+
+    pos = np.array(["0001", "0002"], dtype=object)
+    neg = np.empty(2, dtype=object)
+    neg[:] = [np.array(["0002", "0003"]), np.array(["0001", "0004"])]
+    a, b = location_codes(pos, neg)
+    assert a.tolist() == [0, 1] and b.tolist() == [1, 2, 0, 3]
+
+
+def test_sample_texts_picks_one_text_per_image():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    texts = [["a", "b", "c"], ["d"]]
+    seen = {sample_texts(texts, rng)[0] for _ in range(50)}
+    assert seen == {"a", "b", "c"}
+    assert sample_texts(texts, rng)[1] == "d"

@@ -1,0 +1,68 @@
+import numpy as np
+import pandas as pd
+
+from geoloc_ray.config import HardNegativeConfig
+from geoloc_ray.train.mining import mined_rows, select_negatives
+
+
+def test_select_negatives_never_returns_the_query_location():
+    neighbours = np.array([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]])
+    gallery_locs = np.array(["A", "A", "B", "C", "B"])
+    out = select_negatives(neighbours, np.array(["A", "B"]), gallery_locs, HardNegativeConfig(per_query=2))
+    assert out == [[2, 3], [3, 1]]
+    for q, negs in zip(["A", "B"], out, strict=True):
+        assert all(gallery_locs[i] != q for i in negs)
+
+
+def test_skip_top_and_missing_ids():
+    neighbours = np.array([[5, -1, 2, 3, 4]])
+    gallery_locs = np.array(["Q", "Q", "X", "Y", "Z", "W"])
+    out = select_negatives(neighbours, np.array(["Q"]), gallery_locs,
+                           HardNegativeConfig(per_query=2, skip_top=1))
+    assert out == [[2, 3]]
+
+
+def _frames(rng, n_locs=12, per_loc=3, dim=8):
+    rows, queries = [], []
+    centers = rng.normal(size=(n_locs, dim))
+    for loc in range(n_locs):
+        for j in range(per_loc):
+            platform = ["satellite", "drone", "ground"][j % 3]
+            vec = centers[loc] + 0.1 * rng.normal(size=dim)
+            vec /= np.linalg.norm(vec)
+            rows.append({"image_id": f"{loc:04d}/{j}.jpg", "image_uri": f"/g/{loc:04d}/{j}.jpg",
+                         "location_id": f"{loc:04d}", "platform": platform,
+                         "satellite": vec.astype(np.float32)})
+            queries.append({"query": f"q{loc}-{j}", "image_id": f"{loc:04d}/{j}.jpg",
+                            "image_uri": f"/g/{loc:04d}/{j}.jpg", "location_id": f"{loc:04d}",
+                            "platform": platform, "embedding": vec.astype(np.float32)})
+    return pd.DataFrame(queries), pd.DataFrame(rows)
+
+
+def test_mined_rows_are_flagembedding_records_without_same_location_negatives():
+    queries, gallery = _frames(np.random.default_rng(0))
+    hn = HardNegativeConfig(top_k=10, per_query=3)
+    rows = mined_rows("satellite", queries, gallery, hn)
+    assert rows and all(r["platform"] == "satellite" for r in rows)
+    for r in rows:
+        assert {"query", "image_id", "image_uri", "neg_ids", "neg_uris", "neg_location_ids"} <= set(r)
+        assert len(r["neg_ids"]) == 3
+        assert r["location_id"] not in r["neg_location_ids"]
+        assert all(uri.startswith("/g/") for uri in r["neg_uris"])
+
+
+def test_platform_gallery_mines_only_within_the_platform():
+    queries, gallery = _frames(np.random.default_rng(1))
+    rows = mined_rows("satellite", queries, gallery, HardNegativeConfig(top_k=10, per_query=2, gallery="platform"))
+    platform_of = dict(zip(gallery["image_id"], gallery["platform"], strict=True))
+    assert rows and all(platform_of[n] == "satellite" for r in rows for n in r["neg_ids"])
+
+
+def test_mixed_gallery_negatives_are_the_nearest_other_locations():
+    queries, gallery = _frames(np.random.default_rng(2))
+    rows = mined_rows("satellite", queries, gallery, HardNegativeConfig(top_k=36, per_query=1))
+    vecs = {r.image_id: r.satellite for r in gallery.itertuples()}
+    for r in rows:
+        q = next(x.embedding for x in queries.itertuples() if x.query == r["query"])
+        others = [v @ q for iid, v in vecs.items() if not iid.startswith(r["location_id"])]
+        assert np.isclose(vecs[r["neg_ids"][0]] @ q, max(others), atol=1e-5)
