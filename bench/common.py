@@ -53,6 +53,8 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs, measures nothing")
     p.add_argument("--out", default=str(OUT), help="folder for <name>.json (default bench/out)")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE for both sides (a shared, busy machine; --quick sets it)")
     return p
 
 
@@ -60,7 +62,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict[st
     """Parse; with --quick the `quick` sizes become the defaults (an option given explicitly still wins)."""
     args = p.parse_args(argv)
     if args.quick:
-        p.set_defaults(**quick)
+        p.set_defaults(**{"omp_passive": True, **quick})
         args = p.parse_args(argv)
     return args
 
@@ -117,10 +119,26 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(), "cpus": os.cpu_count(), "cpus_usable": affinity, "mem_gb": _mem_total_gb(),
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-        "platform": platform.platform(), "gpu": None,  # no benchmark here uses a GPU (see bench/README.md)
+        "platform": platform.platform(), "gpu": None,
+        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},  # no benchmark here uses a GPU (see bench/README.md)
         "versions": _versions(["torch", "faiss-cpu", "ray", "open_clip_torch", "transformers", "numpy"]),
         "git_commit": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
     }
+
+
+def ray_worker_openmp_env(passive: bool = False) -> None:
+    """Give this process the OpenMP environment Ray gives its workers; call before torch / faiss are imported.
+
+    Ray sets OMP_NUM_THREADS = floor(assigned CPUs), at least 1, in every worker (the train worker and the
+    embedding actors here get 1); the threads actually used are then set explicitly (torch.set_num_threads,
+    faiss.omp_set_num_threads). Set in the driver, Ray's workers inherit the same value, so an in-process
+    baseline and the Ray side run under one OpenMP setting. `passive` adds OMP_WAIT_POLICY=PASSIVE: while other
+    jobs hold the cores, spinning OpenMP threads made 2-thread torch steps 30-100x slower here, erratically;
+    passive waiting keeps a shared machine's numbers usable (and costs a little on a quiet one).
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if passive:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # ----- timing and memory ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import Row, finish, parse, parser, table, timed  # noqa: E402
+from bench.common import Row, finish, parse, parser, ray_worker_openmp_env, table, timed  # noqa: E402
 
 NAME = "frozen_trunk"
 PLATFORMS = ["satellite", "drone", "ground"]
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--head", default="satellite")
     p.add_argument("--no-production", action="store_true", help="skip the production architecture on meta")
     args = parse(p, argv, {"batch": 8, "steps": 2, "warmup": 1, "rounds": 2})
+    ray_worker_openmp_env(args.omp_passive)  # before torch / faiss load OpenMP
     started = time.time()
     cfg = load_config()  # the embedded demo profile (configs/demo.yaml)
     step = measure_steps(cfg, args)
