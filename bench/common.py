@@ -170,9 +170,11 @@ def peak_rss_mb() -> dict[str, float]:
 
 
 class TreeMemory:
-    """Samples the summed RSS of a process and all its descendants (Ray workers, a make's children) in a thread.
+    """Samples the memory of a process and all its descendants (Ray workers, a make's children) in a thread.
 
-    `ru_maxrss` sees one process at a time; a pipeline's cost is the sum over its process tree.
+    `ru_maxrss` sees one process at a time; a pipeline's cost is the sum over its process tree. The sum is of PSS
+    (each shared page split between the processes that map it): summed RSS would count Ray's shared libraries
+    and object store once per worker (a 2-CPU Serve run "used" 10 GB that way).
     """
 
     def __init__(self, pid: int, interval_s: float = 1.0):
@@ -191,9 +193,12 @@ class TreeMemory:
         total = 0
         for proc in procs:
             try:
-                total += proc.memory_info().rss
-            except psutil.Error:
-                continue
+                total += proc.memory_full_info().pss
+            except (psutil.Error, AttributeError):  # gone, or no PSS on this platform: its RSS then
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
         return total / 2**20
 
     def _run(self) -> None:

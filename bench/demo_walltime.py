@@ -10,7 +10,7 @@ temp dir. Commands run there with this venv's variables removed from the environ
 PYTHONPATH, RAY_ADDRESS, OMP_*), as a user's shell would have them. Stage seconds come from the pipeline's
 `artifacts/demo/pipeline/last_run.json` and from the `stages: ...; total Ns` line `geoloc-ray demo` prints
 (it adds the world synthesis); the rest of `make demo`'s time is interpreter start-up, imports and Ray start/stop.
-Memory: the summed RSS of the command's whole process tree (Ray's processes included), sampled every second.
+Memory: the summed PSS of the command's whole process tree (Ray's processes included), sampled every second.
 --quick parses an existing run (--run-dir, --log) or, when there is none, a small built-in example.
 """
 
@@ -93,7 +93,7 @@ def run_logged(command: str, cwd: Path, log: Path, timeout: float) -> dict[str, 
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 15)  # our own process group only
                 rc = proc.wait()
-    return {"command": command, "rc": rc, "seconds": time.perf_counter() - start, "peak_tree_rss_mb": mem.peak_mb,
+    return {"command": command, "rc": rc, "seconds": time.perf_counter() - start, "peak_tree_pss_mb": mem.peak_mb,
             "log": str(log)}
 
 
@@ -173,7 +173,7 @@ def rows_for(result: dict[str, Any], args) -> list[Row]:
                 f"{venv['seconds'] / 60:.1f} min, {venv['disk_gb'] or '?'} GB on disk", None),
             Row("fresh clone -> demo results, whole (clone + venv + demo)", "report",
                 f"{result['total_s'] / 60:.1f} min; peak memory (process tree) venv "
-                f"{venv['peak_tree_rss_mb'] / 1024:.1f} GB, demo {result['pipeline']['peak_tree_rss_mb'] / 1024:.1f} GB",
+                f"{venv['peak_tree_pss_mb'] / 1024:.1f} GB, demo {result['pipeline']['peak_tree_pss_mb'] / 1024:.1f} GB",
                 None)]
 
 
