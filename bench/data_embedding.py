@@ -10,7 +10,7 @@ with `save_model`: throughput does not depend on training. Every side decodes th
 (`ImageEmbedder`'s default), so the plain loop is timed at 1 thread (= one actor's share) and at 2 (the whole
 machine). Ray's time includes a fixed cost (actor start-up, model load in each actor, scheduling); running each
 pool on the full rows and on a small prefix gives both that cost and the marginal (steady) images/s:
-marginal = (N - n0) / (T_N - T_n0). No GPU is used (none is lent to these machines): see bench/README.md.
+marginal = (N - n0) / (T_N - T_n0). CPU only: see bench/README.md about the GPU row.
 """
 
 from __future__ import annotations
