@@ -119,8 +119,8 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": _cpu_model(), "cpus": os.cpu_count(), "cpus_usable": affinity, "mem_gb": _mem_total_gb(),
         "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-        "platform": platform.platform(), "gpu": None,
-        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},  # no benchmark here uses a GPU (see bench/README.md)
+        "platform": platform.platform(), "gpu": None,  # no benchmark here uses a GPU (see bench/README.md)
+        "omp": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")},
         "versions": _versions(["torch", "faiss-cpu", "ray", "open_clip_torch", "transformers", "numpy"]),
         "git_commit": _git("rev-parse", "--short", "HEAD"), "git_dirty": bool(_git("status", "--porcelain")),
     }
