@@ -142,6 +142,9 @@ class StageConfig(_Model):
     lr: float = Field(2e-5, gt=0)
     # Small subsets (satellite: one image per location) get at least this many optimizer steps.
     min_steps: int = Field(0, ge=0)
+    # False locks the pretrained text layers (LiT-style: only the projection learns): the text side is then a
+    # fixed function of each statement, computed once, so a step costs about the image tower alone.
+    train_text_layers: bool = True
 
 
 class TrainConfig(_Model):
@@ -155,14 +158,25 @@ class TrainConfig(_Model):
     temperature: float = Field(0.05, gt=0)
     # Training texts join 1..N of an image's short statements, like a query naming several attributes.
     statements_per_text: int = Field(3, ge=1)
+    # How a multi-statement training text is encoded: `features` runs each statement through the head once and
+    # averages the pooled features (the frozen trunk's output is computed once per statement and cached: steps
+    # cost a fraction); `tokens` encodes the joined text as one sequence, like a query at search time.
+    text_composition: Literal["features", "tokens"] = "features"
+    # Probability of dropping the refiner's platform phrasing ("aerial view: ...") from a statement: users rarely
+    # say which view they mean, so heads and gate must read the content, not the refiner's style.
+    style_dropout: float = Field(0.5, ge=0, le=1)
     # Pretrained text layers in the heads learn at lr * text_lr_scale (the rest is fresh or from scratch).
     text_lr_scale: float = Field(0.1, gt=0)
     warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warmup, then cosine decay to 10% of lr
     bf16: bool = True  # autocast matmuls to bfloat16 (CPUs with AVX512-BF16/AMX, and GPUs)
-    stage0: StageConfig = Field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3))
+    stage0: StageConfig = Field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3, train_text_layers=False))
     stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=4, lr=2e-4))
     stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=2, lr=1e-4))
     gate: StageConfig = Field(default_factory=lambda: StageConfig(epochs=20, lr=1e-3))
+    # Then the gate is tuned on the fused retrieval loss over held-out training locations (0 epochs: skip):
+    # experts fit their own training images too well to tell the gate how they do on new places.
+    gate_fused: StageConfig = Field(default_factory=lambda: StageConfig(epochs=30, lr=3e-4))
+    val_fraction: float = Field(0.12, ge=0, lt=0.5)  # training locations held out from every head
     hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
     max_failures: int = Field(2, ge=0)
     checkpoint_every_epochs: int = Field(1, ge=1)

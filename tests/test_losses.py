@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from geoloc_ray.train.batches import location_codes, sample_texts
+from geoloc_ray.train.batches import TextSampler, location_codes
 from geoloc_ray.train.losses import gate_loss, info_nce
 
 
@@ -69,11 +69,26 @@ def test_location_codes_are_shared_across_positives_and_nested_negatives():
     assert a.tolist() == [0, 1] and b.tolist() == [1, 2, 0, 3]
 
 
-def test_sample_texts_picks_one_text_per_image():
+def test_text_sampler_draws_one_to_n_statements_of_the_same_image():
     import numpy as np
 
-    rng = np.random.default_rng(0)
+    sampler = TextSampler(np.random.default_rng(0), max_statements=2)
     texts = [["a", "b", "c"], ["d"]]
-    seen = {sample_texts(texts, rng)[0] for _ in range(50)}
-    assert seen == {"a", "b", "c"}
-    assert sample_texts(texts, rng)[1] == "d"
+    seen = {sampler.texts(texts)[0] for _ in range(200)}
+    assert seen == {"a", "b", "c", "a, b", "a, c", "b, c"}  # kept in their original order
+    assert sampler.texts(texts)[1] == "d"
+
+
+def test_style_dropout_strips_the_refiner_phrasing_only_sometimes():
+    import numpy as np
+
+    from geoloc_ray.captions.rules import style_patterns, unstyle
+    from geoloc_ray.captions.vocabulary import load_vocabulary
+
+    patterns = style_patterns(load_vocabulary())
+    sampler = TextSampler(np.random.default_rng(0), 1, lambda t: unstyle(t, patterns), style_dropout=0.5)
+    seen = {sampler.texts([["Aerial view: a red roof"]])[0] for _ in range(100)}
+    assert seen == {"Aerial view: a red roof", "a red roof"}
+    never = TextSampler(np.random.default_rng(0), 1, lambda t: unstyle(t, patterns), style_dropout=0.0)
+    assert {never.texts([["a red roof, seen from the street"]])[0] for _ in range(20)} == {
+        "a red roof, seen from the street"}

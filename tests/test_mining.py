@@ -66,3 +66,14 @@ def test_mixed_gallery_negatives_are_the_nearest_other_locations():
         q = next(x.embedding for x in queries.itertuples() if x.query == r["query"])
         others = [v @ q for iid, v in vecs.items() if not iid.startswith(r["location_id"])]
         assert np.isclose(vecs[r["neg_ids"][0]] @ q, max(others), atol=1e-5)
+
+
+def test_held_out_locations_are_stable_and_about_the_requested_fraction():
+    from geoloc_ray.train.data import split_locations
+
+    locations = [f"{i:04d}" for i in range(2000)]
+    held = split_locations(locations, 0.12)
+    assert held == split_locations(list(reversed(locations)), 0.12)  # order does not matter
+    assert 0.09 < len(held) / len(locations) < 0.15
+    assert split_locations(locations, 0.0) == set()
+    assert split_locations(locations[:100], 0.12) == {x for x in held if x in set(locations[:100])}

@@ -64,6 +64,25 @@ def style_phrase(phrase: str, platform: str, vocab: Vocabulary) -> str:
     return out[0].upper() + out[1:]
 
 
+def style_patterns(vocab: Vocabulary) -> list[re.Pattern]:
+    """Regexes matching each platform template around its `{text}` (the inverse of `style_phrase`)."""
+    out = []
+    for style in vocab.styles.values():
+        for template in style.templates:
+            before, after = (re.escape(part) for part in template.split("{text}", 1))
+            out.append(re.compile(f"^{before}(?P<text>.+?){after}$", re.IGNORECASE))
+    return out
+
+
+def unstyle(text: str, patterns: list[re.Pattern]) -> str:
+    """A refined statement without its platform phrasing ("aerial view: a red roof" -> "a red roof")."""
+    for rx in patterns:
+        m = rx.match(text.strip())
+        if m:
+            return m.group("text")
+    return text
+
+
 def _dedupe_key(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 

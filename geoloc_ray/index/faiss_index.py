@@ -42,6 +42,9 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, train_sample: int = 200_00
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     index = faiss.index_factory(vectors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and hasattr(ivf, "do_polysemous_training"):
+        ivf.do_polysemous_training = False  # only polysemous search uses it, and it is the slowest part to build
     if not index.is_trained:
         rng = np.random.default_rng(seed)
         sample = vectors if len(vectors) <= train_sample else vectors[rng.choice(len(vectors), train_sample, False)]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,15 +27,30 @@ def location_codes(*groups) -> list[torch.Tensor]:
     return out
 
 
-def sample_texts(texts_column: Sequence[Sequence[str]], rng: np.random.Generator, max_statements: int = 1
-                 ) -> list[str]:
-    """A query-like text per image, drawn anew each step: 1..max_statements of its statements, joined.
+class TextSampler:
+    """Query-like training texts drawn anew each step from an image's statements.
 
-    Single statements name one attribute and match many images; test queries name 2-4 at once.
+    1..max_statements statements are picked (single statements name one attribute and match many images;
+    queries name 2-4 at once); each loses the refiner's platform phrasing with probability `style_dropout`.
     """
-    out = []
-    for texts in texts_column:
-        n = int(rng.integers(1, min(max_statements, len(texts)) + 1))
-        picked = rng.choice(len(texts), size=n, replace=False)
-        out.append(", ".join(str(texts[i]).rstrip(". ") for i in sorted(picked)))
-    return out
+
+    def __init__(self, rng: np.random.Generator, max_statements: int = 1,
+                 unstyle: Callable[[str], str] | None = None, style_dropout: float = 0.0):
+        self.rng, self.max_statements = rng, max_statements
+        self.unstyle, self.style_dropout = unstyle, style_dropout
+
+    def _one(self, text: str) -> str:
+        text = str(text).rstrip(". ")
+        if self.unstyle is not None and self.rng.random() < self.style_dropout:
+            text = self.unstyle(text)
+        return text
+
+    def statements(self, texts_column: Sequence[Sequence[str]]) -> list[list[str]]:
+        out = []
+        for texts in texts_column:
+            n = int(self.rng.integers(1, min(self.max_statements, len(texts)) + 1))
+            out.append([self._one(texts[i]) for i in sorted(self.rng.choice(len(texts), size=n, replace=False))])
+        return out
+
+    def texts(self, texts_column: Sequence[Sequence[str]]) -> list[str]:
+        return [", ".join(group) for group in self.statements(texts_column)]

@@ -37,7 +37,10 @@ def decode_batch(batch: dict[str, Any], *, size: int, storage: dict | None = Non
     io.use_storage_options(storage)
     pixels, ok = decode_pixels(batch["image_uri"], size)
     keep = np.asarray(ok, dtype=bool)
-    out = {k: np.asarray(v)[keep] for k, v in batch.items() if k in PAIR_COLUMNS}
+    out = {k: np.asarray(v)[keep] for k, v in batch.items() if k in PAIR_COLUMNS and k != "texts"}
+    texts = np.empty(int(keep.sum()), dtype=object)  # lists, not arrays: Arrow stores them as list<string>
+    texts[:] = [[str(t) for t in row] for row, k in zip(batch["texts"], keep, strict=True) if k]
+    out["texts"] = texts
     out["pixels"] = pixels[keep]
     return out
 
@@ -62,22 +65,39 @@ def decode_triplet_batch(batch: dict[str, Any], *, size: int, storage: dict | No
     }
 
 
-def pairs_dataset(uri: str, size: int, platforms: list[str] | None = None, materialize: bool = True):
-    """Images + their texts for contrastive training (stage 0 and expert stage 1)."""
+def split_locations(location_ids, fraction: float) -> set[str]:
+    """A stable held-out set of locations (by hash, so it does not depend on order or on the run)."""
+    import hashlib
+
+    return {loc for loc in set(map(str, location_ids))
+            if int(hashlib.sha1(loc.encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000}
+
+
+def _only(ds, platforms: list[str] | None, locations: set[str] | None, exclude: set[str] | None):
     from ray.data.expressions import col
 
-    ds = io.read_dataset_parquet(uri)
     if platforms:
         ds = ds.filter(expr=col("platform").is_in(list(platforms)))
+    if locations is not None:
+        ds = ds.filter(expr=col("location_id").is_in(sorted(locations)))
+    if exclude:
+        ds = ds.filter(expr=~col("location_id").is_in(sorted(exclude)))
+    return ds
+
+
+def pairs_dataset(uri: str, size: int, platforms: list[str] | None = None, materialize: bool = True,
+                  locations: set[str] | None = None, exclude: set[str] | None = None):
+    """Images + their texts for contrastive training, optionally restricted to platforms / locations."""
+    ds = _only(io.read_dataset_parquet(uri), platforms, locations, exclude)
     ds = ds.map_batches(decode_batch, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"size": size, "storage": io.storage_options()})
     return ds.materialize() if materialize else ds
 
 
-def texts_dataset(uri: str):
-    """One row per (text, platform) for the gate: no pixels needed."""
+def texts_dataset(uri: str, exclude: set[str] | None = None):
+    """Each image's statements and platform, for the gate: no pixels needed."""
     ds = io.read_dataset_parquet(uri, columns=["texts", "platform", "location_id"])
-    return ds.flat_map(lambda r: [{"text": str(t), "platform": r["platform"]} for t in r["texts"]])
+    return _only(ds, None, None, exclude).materialize()
 
 
 def triplets_dataset(uri: str, size: int, materialize: bool = True):

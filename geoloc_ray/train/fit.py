@@ -46,7 +46,7 @@ def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: flo
     storage_path, storage_fs = _storage(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job.to_dict()},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job.to_dict(), "cpus": cpus},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

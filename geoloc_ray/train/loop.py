@@ -1,7 +1,8 @@
 """The per-worker training loop Ray Train runs: one plain function for every stage (nanoGPT-style).
 
 A job is one of: `pairs` (contrastive on image/text pairs: stage 0 and expert stage 1), `triplets` (stage 2 with
-mined hard negatives), `gate` (platform classification on trunk query features). Each epoch ends with
+mined hard negatives), `gate` (platform classification on trunk query features), `gate_fused` (the gate tuned
+on the fused retrieval loss over held-out locations, experts frozen). Each epoch ends with
 `ray.train.report(metrics, checkpoint)`; a restarted worker resumes from the last checkpoint.
 """
 
@@ -27,11 +28,12 @@ class JobSpec:
     """What one TorchTrainer run trains; serialisable into `train_loop_config`."""
 
     name: str
-    kind: str  # pairs | triplets | gate
+    kind: str  # pairs | triplets | gate | gate_fused
     head: str | None = None  # the head being trained (None for the gate)
     init: str | None = None  # model URI to start from (None: build fresh from config)
     init_head: str | None = None  # start `head` as a copy of this head of `init` (heads start from stage 0's)
     image_trunk: bool = False  # train the image trunk too (stage 0 of the embedded default)
+    text_layers: bool = True  # train the head's copy of the pretrained text layers (else only its projection)
     epochs: int = 1
     lr: float = 2e-5
     seed: int = 0
@@ -50,13 +52,21 @@ def _init_model(cfg: Config, job: JobSpec):
         model = load_model(job.init)
         if job.init_head is not None and job.head is not None and job.init_head != job.head:
             model.copy_head(job.init_head, job.head)
-        for name in [n for n in model.head_names if n != job.head]:
-            del model.heads[name]  # an expert run carries only its own head
+        if job.kind != "gate_fused":
+            for name in [n for n in model.head_names if n != job.head]:
+                del model.heads[name]  # an expert run carries only its own head
         if job.kind == "gate":
             model.add_gate()
-    model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
-                        gate=job.kind == "gate")
+    _set_trainable(model, job)
     return model
+
+
+def _set_trainable(model, job: JobSpec) -> None:
+    model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
+                        gate=job.kind in ("gate", "gate_fused"))
+    if job.head and not job.text_layers:
+        model.heads[job.head].text.tail.requires_grad_(False)
+        model.train(model.training)
 
 
 def make_optimizer(model, job: JobSpec, cfg: Config):
@@ -131,7 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     artifacts.apply_storage_options(cfg)  # this worker may read s3:// checkpoints through a custom endpoint
     job = JobSpec(**config["job"])
     ctx = ray.train.get_context()
-    torch.set_num_threads(cfg.train.torch_threads or max(1, int(cfg.train.cpus_per_worker)))
+    # Threads = the CPUs this worker was given (several trainers share a node): more would only thrash.
+    torch.set_num_threads(cfg.train.torch_threads or max(1, int(config.get("cpus", cfg.train.cpus_per_worker))))
     torch.manual_seed(job.seed + ctx.get_world_rank())
     rng = np.random.default_rng(job.seed + 1000 * ctx.get_world_rank())
 
@@ -141,8 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         print(f"[{job.name}] resuming from the checkpoint of epoch {start_epoch - 1}", flush=True)
         model, opt_state = restored
-        model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
-                            gate=job.kind == "gate")
+        _set_trainable(model, job)
     optimizer, scheduler = make_optimizer(model, job, cfg)
     if restored is not None:
         optimizer.load_state_dict(opt_state["optimizer"])

@@ -31,19 +31,26 @@ def select_negatives(neighbours: np.ndarray, query_locations: np.ndarray, galler
     return out
 
 
-def embed_training_gallery(cfg: Config, experts: dict[str, str], train_uri: str):
+def _training_rows(train_uri: str, columns: list[str], exclude: set[str] | None):
+    from ray.data.expressions import col
+
+    ds = io.read_dataset_parquet(train_uri, columns=columns)
+    return ds.filter(expr=~col("location_id").is_in(sorted(exclude))) if exclude else ds
+
+
+def embed_training_gallery(cfg: Config, experts: dict[str, str], train_uri: str, exclude: set[str] | None = None):
     """Every training image under every expert's image head: one column per platform."""
     from geoloc_ray.embedding import embed_images
 
-    ds = io.read_dataset_parquet(train_uri, columns=["image_id", "image_uri", "location_id", "platform"])
+    ds = _training_rows(train_uri, ["image_id", "image_uri", "location_id", "platform"], exclude)
     return embed_images(ds, {p: (uri, [p]) for p, uri in experts.items()}, cfg.index)
 
 
-def embed_training_queries(cfg: Config, experts: dict[str, str], train_uri: str):
+def embed_training_queries(cfg: Config, experts: dict[str, str], train_uri: str, exclude: set[str] | None = None):
     """Each training text under its own platform's expert text head."""
     from geoloc_ray.embedding import embed_texts
 
-    ds = io.read_dataset_parquet(train_uri, columns=["image_id", "image_uri", "location_id", "platform", "texts"])
+    ds = _training_rows(train_uri, ["image_id", "image_uri", "location_id", "platform", "texts"], exclude)
     ds = ds.flat_map(lambda r: [{"query": str(t), "image_id": r["image_id"], "image_uri": r["image_uri"],
                                  "location_id": r["location_id"], "platform": r["platform"]} for t in r["texts"]])
     return embed_texts(ds, {p: (u, p) for p, u in experts.items()}, cfg.index)
@@ -75,14 +82,14 @@ def mined_rows(platform: str, queries, gallery, hn: HardNegativeConfig) -> list[
     return rows
 
 
-def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str, out: dict[str, str]
-                        ) -> dict[str, Any]:
-    """Write one mined parquet per expert; returns counts per expert."""
+def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str, out: dict[str, str],
+                        exclude: set[str] | None = None) -> dict[str, Any]:
+    """Write one mined parquet per expert (held-out locations excluded); returns counts per expert."""
     import pandas as pd
 
     hn = cfg.train.hard_negatives
-    gallery = embed_training_gallery(cfg, experts, train_uri)
-    queries = embed_training_queries(cfg, experts, train_uri)
+    gallery = embed_training_gallery(cfg, experts, train_uri, exclude)
+    queries = embed_training_queries(cfg, experts, train_uri, exclude)
     summary = {}
     for platform in experts:
         rows = mined_rows(platform, queries, gallery, hn)
