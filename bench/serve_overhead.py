@@ -60,12 +60,13 @@ def main(argv: list[str] | None = None) -> dict:
     from geoloc_ray.serve.loadgen import QUERIES, percentile, start_app, stop_app
 
     queries = [QUERIES[i % len(QUERIES)] for i in range(a.requests)]
+    warmup = [QUERIES[i % len(QUERIES)] for i in range(20)]
     with tempfile.TemporaryDirectory() as tmp:
         args = app_args(a.artifacts, tmp)
-        local = in_process_ms(args["artifacts"], queries[:20] + queries, a.k)[20:]  # 20 warm-up queries
+        local = in_process_ms(args["artifacts"], warmup + queries, a.k)[len(warmup):]
         url = start_app(args, a.port)
         try:
-            http_ms(url, queries[:20], a.k)  # warm-up
+            http_ms(url, warmup, a.k)
             remote = http_ms(url, queries, a.k)
         finally:
             stop_app()
