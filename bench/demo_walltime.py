@@ -104,18 +104,20 @@ def run_fresh(args) -> dict[str, Any]:
     """Clone, `make venv`, then the pipeline command; each timed apart."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-demo-"))
     checkout = work / "geoloc_ray"
+    logs = Path(args.out)  # logs outlive the temp clone, so a failure can be read afterwards
+    logs.mkdir(parents=True, exist_ok=True)
     try:
         clone_s = clone(args.repo, args.ref, checkout)
         commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
         print(f"cloned {args.repo}@{commit} into {checkout} in {clone_s:.1f}s; running `{args.venv_command}` ...",
               flush=True)
-        venv = run_logged(args.venv_command, checkout, work / "venv.log", args.timeout)
+        venv = run_logged(args.venv_command, checkout, logs / "demo_walltime.venv.log", args.timeout)
         if venv["rc"] != 0:
             raise RuntimeError(f"`{args.venv_command}` failed ({venv['rc']}); see {venv['log']}")
         venv["disk_gb"] = _disk_gb(checkout / ".venv")
         print(f"venv ready in {venv['seconds']:.0f}s; running `{args.command}` ...", flush=True)
-        pipeline = run_logged(args.command, checkout, work / "demo.log", args.timeout)
+        pipeline = run_logged(args.command, checkout, logs / "demo_walltime.demo.log", args.timeout)
         if pipeline["rc"] != 0:
             raise RuntimeError(f"`{args.command}` failed ({pipeline['rc']}); see {pipeline['log']}")
         log = Path(pipeline["log"]).read_text()

@@ -97,3 +97,23 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_session, tmp_path):
     assert result.metrics["epoch"] == epochs - 1
     # the restarted worker started from the checkpoint, not from epoch 0
     assert 0 < result.metrics["resumed_from_epoch"] < epochs
+
+
+def test_relative_artifacts_paths_work_inside_train_workers(ray_session, tmp_path, monkeypatch):
+    """`make demo` uses `artifacts: artifacts/demo`; a head job loads stage 0's model by that relative path."""
+    import ray.data
+
+    from geoloc_ray import artifacts
+    from geoloc_ray.model import build_model, save_model
+
+    monkeypatch.chdir(tmp_path)  # not where Ray's workers run (the session started elsewhere)
+    cfg = config_from_dict({"artifacts": "art", "train": {"batch_size": 8, "cpus_per_worker": 1.0,
+                                                          "torch_threads": 1}})
+    stage0 = artifacts.artifact(cfg, "models", "stage0")
+    save_model(build_model(cfg.model, heads=["unified"], gate=False, seed=0), stage0, cfg)
+    job = JobSpec(name="head", kind="pairs", head="aligned", init=stage0, init_head="unified", epochs=1, lr=1e-3)
+    dataset = ray.data.from_items(_tiny_pairs(n_locations=4, per_location=2)).materialize()
+    result = make_trainer(cfg, job, dataset, num_workers=1, cpus=1.0, run_name="relative").fit()
+    assert result.error is None
+    assert result.metrics["epoch"] == 0
+    assert _checkpoints(tmp_path / "art" / "ray_train"), "the checkpoint did not land under the relative artifacts"

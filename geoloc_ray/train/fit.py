@@ -44,6 +44,10 @@ def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: flo
 
     resources = {"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})}
     storage_path, storage_fs = _storage(cfg)
+    # Ray Train moves each worker into its run folder, which breaks relative `artifacts` / `data.root` paths
+    # (`make demo` uses them): keep the worker in the job's working directory, as Ray Data tasks are.
+    # Read by `fit()` in this process; a user's explicit setting wins.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job.to_dict(), "cpus": cpus},
