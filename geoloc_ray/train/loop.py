@@ -164,6 +164,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     runner = steps.make_runner(job.kind, model, job, cfg, rng, device)
     shard = ray.train.get_dataset_shard("train")
 
+    # Every rank must make the same report calls, so the interval comes from the driver's step count.
+    report_every = max(1, -(-cfg.train.report_every_steps // max(1, job.steps_per_epoch)))
     for epoch in range(start_epoch, job.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -191,5 +193,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         last = epoch == job.epochs - 1
         if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
             _report(model, optimizer, scheduler, cfg, job, metrics)
-        else:
+        elif (epoch + 1) % report_every == 0:
             ray.train.report(metrics)
