@@ -194,6 +194,9 @@ class TrainConfig(_Model):
     # checkpoint and the last epoch). Ray Train's controller drains one report per poll (2 s), so reporting
     # every epoch of a 0.2 s epoch would spend ~2 s per epoch waiting.
     report_every_steps: int = Field(20, ge=1)
+    # A worker keeps its data shard in memory after the first epoch when it is at most this big (0: stream
+    # every epoch). Each worker then sees a fixed partition, as with a DistributedSampler.
+    cache_shard_mb: int = Field(1024, ge=0)
 
 
 class IndexConfig(_Model):

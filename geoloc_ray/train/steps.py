@@ -63,6 +63,7 @@ class _Runner:
         from geoloc_ray.model import SatelliteAugment, image_preprocess
 
         self.model, self.job, self.cfg, self.rng, self.device = model, job, cfg, rng, device
+        self._kept: dict[str, np.ndarray] | None = None  # this worker's shard, after a first streamed epoch
         self.preprocess = image_preprocess(model)
         self.sampler = TextSampler(rng, cfg.train.statements_per_text, _unstyler(cfg), cfg.train.style_dropout)
         self.augment = None
@@ -70,7 +71,30 @@ class _Runner:
             self.augment = SatelliteAugment(cfg.preprocess.augment, seed=int(rng.integers(2**31)))
 
     def batches(self, shard, epoch: int) -> Iterator[dict[str, Any]]:
-        return _iter(shard, self.cfg.train.batch_size, self.job.seed + epoch)
+        if self._kept is not None:
+            return self._memory_batches(epoch)
+        return self._streamed_batches(shard, epoch)
+
+    def _streamed_batches(self, shard, epoch: int) -> Iterator[dict[str, Any]]:
+        """Stream the shard from Ray Data; keep it when it fits `train.cache_shard_mb`, so later epochs do not
+        re-stream it (on a small node the streaming competes with the step for the same cores)."""
+        limit, size = self.cfg.train.cache_shard_mb * 2**20, 0
+        kept: list[dict[str, np.ndarray]] | None = [] if limit > 0 else None
+        for batch in _iter(shard, self.cfg.train.batch_size, self.job.seed + epoch):
+            if kept is not None:
+                size += sum(v.nbytes for v in batch.values())
+                kept = kept + [batch] if size <= limit else None
+            yield batch
+        if kept:
+            self._kept = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
+
+    def _memory_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        bs, n = self.cfg.train.batch_size, len(next(iter(self._kept.values())))
+        order = np.random.default_rng(self.job.seed + epoch).permutation(n)
+        for i in range(0, n - 1, bs):  # a contrastive step needs at least one negative
+            idx = order[i : i + bs]
+            if len(idx) >= 2:
+                yield {k: v[idx] for k, v in self._kept.items()}
 
     def autocast(self):
         """bf16 matmuls where the hardware has them; the loss itself is computed in fp32."""
