@@ -33,7 +33,7 @@ def test_production_profile_is_the_reports_setup() -> None:
     assert t.use_gpu and t.batch_size == 128 and t.weight_decay == 1e-4
     assert {s.lr for s in (t.stage0, t.stage1, t.stage2)} == {2e-5}
     assert cfg.refine.backend == "vllm" and "vllm" in str(cfg.refine.vllm.runtime_env)
-    assert cfg.index.kind == "ivfpq" and cfg.index.shards > 1
+    assert cfg.index.kind == "ivf" and cfg.index.shards > 1  # IVF-PQ capped recall@10 at 0.58 (BENCHMARKS)
     assert (len(m.platforms) * m.embed_dim) % cfg.index.pq_m == 0  # PQ splits the fused 3 x 1024-d vector
     assert cfg.artifacts.startswith("s3://") and cfg.data.root.startswith("s3://")
 
