@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--port", type=int, default=8125)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=None,
+                   help="the app's batch_wait_timeout_s (default: the app's own, 0.01); 0 shows the graph's hops alone")
     a = p.parse_args(argv)
     from bench.serve_load import app_args
     from geoloc_ray.serve.loadgen import QUERIES, percentile, start_app, stop_app
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     queries = [QUERIES[i % len(QUERIES)] for i in range(a.requests)]
     warmup = [QUERIES[i % len(QUERIES)] for i in range(20)]
     with tempfile.TemporaryDirectory() as tmp:
-        args = app_args(a.artifacts, tmp)
+        extra = {} if a.batch_wait_timeout_s is None else {"batch_wait_timeout_s": a.batch_wait_timeout_s}
+        args = app_args(a.artifacts, tmp, **extra)
         local = in_process_ms(args["artifacts"], warmup + queries, a.k)[len(warmup):]
         url = start_app(args, a.port)
         try:
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
             remote = http_ms(url, queries, a.k)
         finally:
             stop_app()
-    result = {"requests": a.requests, "http_p50_ms": round(percentile(remote, 50), 2),
+    result = {"requests": a.requests, "batch_wait_timeout_s": a.batch_wait_timeout_s, "http_p50_ms": round(percentile(remote, 50), 2),
               "http_p99_ms": round(percentile(remote, 99), 2),
               "in_process_p50_ms": round(percentile(local, 50), 2),
               "in_process_p99_ms": round(percentile(local, 99), 2)}
