@@ -165,7 +165,7 @@ def rows_for(result: dict[str, Any], args) -> list[Row]:
         return [pipeline_row]
     venv = result["venv"]
     return [pipeline_row,
-            Row(f"`{args.venv_command}` in a fresh clone (pip install -e .[cpu,dev])", "report",
+            Row(f"`{args.venv_command}` in a fresh clone (pip install -e .[cpu])", "report",
                 f"{venv['seconds'] / 60:.1f} min, {venv['disk_gb'] or '?'} GB on disk", None),
             Row("fresh clone -> demo results, whole (clone + venv + demo)", "report",
                 f"{result['total_s'] / 60:.1f} min; peak memory (process tree) venv "

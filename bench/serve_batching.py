@@ -22,13 +22,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--duration", type=float, default=30.0, help="seconds of load per setting")
     p.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched setting")
     p.add_argument("--port", type=int, default=8124)
+    p.add_argument("--batch-wait-timeout-s", type=float, default=None,
+                   help="the batched setting's batch_wait_timeout_s (default: the app's own)")
     a = p.parse_args(argv)
     from bench.serve_load import app_args
     from geoloc_ray.serve.loadgen import run_load, start_app, stop_app
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        base = app_args(a.artifacts, tmp)
+        extra = {} if a.batch_wait_timeout_s is None else {"batch_wait_timeout_s": a.batch_wait_timeout_s}
+        base = app_args(a.artifacts, tmp, **extra)
         try:
             for name, size in (("batched", a.batch), ("unbatched", 1)):
                 url = start_app({**base, "max_batch_size": size}, a.port)
