@@ -4,8 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
-# --no-compile: byte-compiling the 7 GB of wheels took longer than compiling the modules a run imports
-PIP := $(BIN)/pip install -q --no-compile
+PIP := $(BIN)/pip install -q
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
