@@ -83,7 +83,10 @@ class _Runner:
         for batch in _iter(shard, self.cfg.train.batch_size, self.job.seed + epoch):
             if kept is not None:
                 size += sum(v.nbytes for v in batch.values())
-                kept = kept + [batch] if size <= limit else None
+                if size <= limit:
+                    kept.append(batch)
+                else:
+                    kept = None
             yield batch
         if kept:
             self._kept = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
