@@ -83,7 +83,8 @@ def test_app_args(tmp_path, monkeypatch):
         AppArgs(artifacts="x", num_cpus=0)
     cfg = Config.model_validate({"artifacts": "runs/x", "serve": {"api_key": "k", "expert_replicas": 2}})
     b = AppArgs.from_config(cfg)
-    assert (b.artifacts, b.api_key, b.replicas.expert) == ("runs/x", "k", 2)
+    # the config resolved the relative path where it was loaded
+    assert (b.artifacts, b.api_key, b.replicas.expert) == (str(tmp_path / "runs/x"), "k", 2)
     assert AppArgs(artifacts="x", num_gpus=0.5).actor_options(gpu=True) == {"num_cpus": 0.25, "num_gpus": 0.5}
     assert AppArgs(artifacts="x", num_gpus=0.5).actor_options(gpu=False) == {"num_cpus": 0.25}
 
