@@ -6,8 +6,8 @@ vs a plain in-process PyTorch loop running the same runner code on the same mode
     python bench/train_overhead.py --job expert       # an expert head on the frozen trunk instead
     python bench/train_overhead.py --quick            # 32 pairs, 3 epochs: checks the script, measures nothing
 
-Both sides: `loop._init_model` + `make_optimizer` + `steps.make_runner(...)`, and the train loop's own inner
-step sequence, at the same torch thread count. Ray Train: `fit.make_trainer` (what the train stage runs) on a
+Both sides: `loop._init_model` + `make_optimizer` + `steps.make_runner(...)`, and the train loop's own `run_epoch`
+(the step sequence), at the same torch thread count. Ray Train: `fit.make_trainer` (what the train stage runs) on a
 materialized Ray Dataset, with a controller callback that logs each `ray.train.report` (metrics + wall time).
 Plain: the rows in memory behind a tiny `iter_batches` (shuffled per epoch, same batch size). Steady state =
 epochs 2..N: in-loop steps/s from the reported `steps` / `epoch_s`; wall steps/s from the time between reports
@@ -80,7 +80,7 @@ def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
     import torch
 
     from geoloc_ray.train import steps
-    from geoloc_ray.train.loop import _init_model, make_optimizer
+    from geoloc_ray.train.loop import _init_model, make_optimizer, run_epoch
 
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(job.seed)
@@ -94,17 +94,9 @@ def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
     for epoch in range(job.epochs):
         t0 = time.perf_counter()
         model.train()
-        n_steps, total = 0, 0.0
-        for batch in runner.batches(shard, epoch):
-            loss, _ = runner.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            steps.sync_gradients(params)
-            optimizer.step()
-            scheduler.step()
-            total += float(loss.detach())
-            n_steps += 1
-        epochs.append({"epoch": epoch, "steps": n_steps, "epoch_s": time.perf_counter() - t0, "loss": total / n_steps})
+        n_steps, totals = run_epoch(runner, shard, epoch, optimizer, scheduler, params)
+        epochs.append({"epoch": epoch, "steps": n_steps, "epoch_s": time.perf_counter() - t0,
+                       "loss": totals["loss"] / n_steps})
     return epochs
 
 

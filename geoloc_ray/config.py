@@ -6,12 +6,13 @@ before validation, so a typo in a key or a bad value fails fast and names the ke
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoloc_ray import io
 
 PLATFORMS: tuple[str, ...] = ("satellite", "drone", "ground")
 Platform = Literal["satellite", "drone", "ground"]
@@ -41,13 +42,6 @@ class PlatformRules(_Model):
     default: Platform = "ground"
 
 
-def _absolute_if_local(path: str) -> str:
-    """Resolve a relative local path where the config is loaded: Ray workers run in other folders."""
-    if "://" in path or os.path.isabs(path):
-        return path
-    return os.path.abspath(path)
-
-
 class DataConfig(_Model):
     root: str = "data/demo_world"
     format: Literal["geotext", "robosense", "manifest"] = "geotext"
@@ -59,7 +53,7 @@ class DataConfig(_Model):
     platform_rules: PlatformRules = Field(default_factory=PlatformRules)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
-    _absolute_root = field_validator("root")(_absolute_if_local)
+    _absolute_root = field_validator("root")(io.absolute_if_local)
 
 
 class SynthConfig(_Model):
@@ -264,7 +258,7 @@ class Config(_Model):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    _absolute_artifacts = field_validator("artifacts")(_absolute_if_local)
+    _absolute_artifacts = field_validator("artifacts")(io.absolute_if_local)
 
     @model_validator(mode="after")
     def _check_platforms(self) -> Config:

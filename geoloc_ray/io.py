@@ -41,6 +41,11 @@ def is_local(uri: str) -> bool:
     return protocol_of(uri) in ("file", "local")
 
 
+def absolute_if_local(uri: str) -> str:
+    """Resolve a relative local path where it is read: Ray workers and replicas run in other folders."""
+    return uri if "://" in uri or os.path.isabs(uri) else os.path.abspath(uri)
+
+
 def filesystem(uri: str) -> fsspec.AbstractFileSystem:
     proto = protocol_of(uri)
     return fsspec.filesystem(proto, **_STORAGE_OPTIONS.get(proto, {}))

@@ -5,7 +5,6 @@ A typo in a key or a bad value fails `serve run` / `serve deploy` before any rep
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -51,7 +50,7 @@ class AppArgs(BaseModel):
 
     def artifacts_uri(self) -> str:
         """Local paths are made absolute where build_app runs: replicas may start in another directory."""
-        return self.artifacts if "://" in self.artifacts else os.path.abspath(self.artifacts)
+        return io.absolute_if_local(self.artifacts)
 
     def model_uri(self) -> str:
         return io.join(self.artifacts_uri(), "models", self.model)

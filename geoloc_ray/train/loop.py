@@ -94,6 +94,25 @@ def make_optimizer(model, job: JobSpec, cfg: Config):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def run_epoch(runner, shard, epoch: int, optimizer, scheduler, params: list) -> tuple[int, dict[str, float]]:
+    """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function."""
+    from geoloc_ray.train import steps
+
+    totals = {"loss": 0.0, "acc": 0.0}
+    n_steps = 0
+    for batch in runner.batches(shard, epoch):
+        loss, acc = runner.loss(batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        steps.sync_gradients(params)
+        optimizer.step()
+        scheduler.step()
+        totals["loss"] += float(loss.detach())
+        totals["acc"] += acc
+        n_steps += 1
+    return n_steps, totals
+
+
 def _restore() -> tuple[Any, int]:
     """(model, first epoch) from the last reported checkpoint, or (None, 0) on a fresh start."""
     import ray.train
@@ -169,18 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, job.epochs):
         t0 = time.perf_counter()
         model.train()
-        totals: dict[str, float] = {"loss": 0.0, "acc": 0.0}
-        n_steps = 0
-        for batch in runner.batches(shard, epoch):
-            loss, acc = runner.loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            steps.sync_gradients(params)
-            optimizer.step()
-            scheduler.step()
-            totals["loss"] += float(loss.detach())
-            totals["acc"] += acc
-            n_steps += 1
+        n_steps, totals = run_epoch(runner, shard, epoch, optimizer, scheduler, params)
         metrics = {
             "job": job.name, "epoch": epoch, "steps": n_steps,
             "loss": totals["loss"] / max(n_steps, 1), "batch_acc": totals["acc"] / max(n_steps, 1),
