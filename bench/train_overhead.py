@@ -173,8 +173,8 @@ def rows_for(plain: dict[str, float], in_loop: dict[str, float], costs: dict[str
     return [
         Row(f"Ray Train vs plain PyTorch loop, steady steps/s ({what})", ">= 0.9x",
             f"{r_loop:.2f}x ({in_loop['steps_per_s']:.2f} vs {plain['steps_per_s']:.2f} steps/s)", r_loop >= 0.9),
-        Row("  same, wall clock between reports (adds per-epoch checkpoint + report)", "report",
-            f"{r_wall:.2f}x ({costs['report_overhead_per_epoch_s']:.2f} s/epoch for checkpoint + report)", None),
+        Row("  same, wall clock between reports (adds a report every epoch, checkpoints as configured)", "report",
+            f"{r_wall:.2f}x ({costs['report_overhead_per_epoch_s']:.2f} s/epoch for the report)", None),
         Row("Ray Train fixed cost of a fit (start-up until epoch 1; teardown)", "report",
             f"{costs['startup_s']:.1f} s start-up, {costs['teardown_s']:.1f} s teardown", None),
     ]
@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> dict:
     ray_worker_openmp_env(args.omp_passive)  # before torch / faiss load OpenMP
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        # a report every epoch (the wall-clock row times the gaps between them); checkpoints as configured
         cfg = load_config(overrides=[f"artifacts={tmp}/art", f"train.batch_size={args.batch}",
-                                     f"train.torch_threads={args.threads}"])
+                                     f"train.torch_threads={args.threads}", "train.report_every_steps=1"])
         rows = synthetic_pairs(args.locations, args.per_location, cfg.model.image.image_size or 64)
         job = make_job(cfg, args.job, args.epochs, -(-len(rows) // args.batch))
         shard = NumpyShard(rows)
