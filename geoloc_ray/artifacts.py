@@ -1,33 +1,127 @@
-"""Where each stage's outputs live under the run's artifacts URI (DESIGN.md section 3)."""
+"""The run layout: every path under a run's `artifacts` URI comes from here (DESIGN.md section 3).
+
+Functions take the run's root (a `Config`, or the artifacts URI itself, as Serve's app args carry it), so the
+CLI, the stages, Ray workers and Serve replicas all name the same files.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from geoloc_ray import io
-from geoloc_ray.config import Config
+
+if TYPE_CHECKING:
+    from geoloc_ray.config import Config
+
+# Model names under models/ (the training recipe's outputs; `MOE` is what index, eval, submit and serve load).
+STAGE0, UNIFIED, ALIGNED, GATE = "stage0", "unified", "aligned", "gate"
+MOE, MOE_UNTUNED = "moe", "moe-untuned"
+INDEX_LATEST = "LATEST.json"
 
 
-def artifact(cfg: Config, *parts: str) -> str:
-    return io.join(cfg.artifacts, *parts)
+class MissingArtifactError(FileNotFoundError):
+    """A stage's input is not there: the message names the stage that makes it."""
 
 
-def prepared(cfg: Config, split: str) -> str:
-    return artifact(cfg, "prepared", f"{split}.parquet")
+def root(run: Config | str) -> str:
+    return run if isinstance(run, str) else run.artifacts
 
 
-def refined_train(cfg: Config) -> str:
-    return artifact(cfg, "refined", "train.parquet")
+def artifact(run: Config | str, *parts: str) -> str:
+    return io.join(root(run), *parts)
 
 
-def model_dir(cfg: Config, name: str) -> str:
-    return artifact(cfg, "models", name)
+def require(uri: str, stage: str) -> str:
+    """The one guard for a missing upstream output; returns `uri` so it reads inline."""
+    if not io.exists(uri):
+        raise MissingArtifactError(f"{uri} not found: run `geoloc-ray {stage}` first")
+    return uri
 
 
-def index_dir(cfg: Config) -> str:
-    return artifact(cfg, "index")
+# prepare
+def prepared(run: Config | str, split: str) -> str:
+    return artifact(run, "prepared", f"{split}.parquet")
 
 
-def eval_dir(cfg: Config) -> str:
-    return artifact(cfg, "eval")
+def prepare_summary(run: Config | str) -> str:
+    return artifact(run, "prepared", "summary.json")
+
+
+def prepare_skipped(run: Config | str) -> str:
+    return artifact(run, "prepared", "skipped.jsonl")
+
+
+# refine
+def refined_train(run: Config | str) -> str:
+    return artifact(run, "refined", "train.parquet")
+
+
+def refine_cache(run: Config | str) -> str:
+    return artifact(run, "refined", "cache")
+
+
+def refine_summary(run: Config | str) -> str:
+    return artifact(run, "refined", "summary.json")
+
+
+# train
+def model_dir(run: Config | str, name: str) -> str:
+    return artifact(run, "models", name)
+
+
+def model_manifest(run: Config | str, name: str) -> str:
+    return io.join(model_dir(run, name), "manifest.json")
+
+
+def expert_dir(run: Config | str, platform: str, stage: int) -> str:
+    return model_dir(run, f"experts/{platform}-stage{stage}")
+
+
+def mined(run: Config | str, platform: str) -> str:
+    return artifact(run, "mined", f"{platform}.parquet")
+
+
+def mined_manifest(run: Config | str) -> str:
+    return artifact(run, "mined", "manifest.json")
+
+
+def ray_train_storage(run: Config | str) -> str:
+    return artifact(run, "ray_train")
+
+
+# index
+def index_dir(run: Config | str) -> str:
+    return artifact(run, "index")
+
+
+def index_latest(run: Config | str) -> str:
+    return io.join(index_dir(run), INDEX_LATEST)
+
+
+def index_build(run: Config | str, build_id: str) -> str:
+    return io.join(index_dir(run), build_id)
+
+
+# eval
+def eval_dir(run: Config | str) -> str:
+    return artifact(run, "eval")
+
+
+def metrics(run: Config | str) -> str:
+    return io.join(eval_dir(run), "metrics.json")
+
+
+# pipeline bookkeeping and logs
+def pipeline_marker(run: Config | str, stage: str) -> str:
+    return artifact(run, "pipeline", f"{stage}.json")
+
+
+def pipeline_last_run(run: Config | str) -> str:
+    return artifact(run, "pipeline", "last_run.json")
+
+
+def logs_dir(run: Config | str) -> str:
+    return artifact(run, "logs")
 
 
 def apply_storage_options(cfg: Config) -> None:
