@@ -28,6 +28,7 @@ demo: $(RUN_STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/ruff check geoloc_ray tests jobs bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 e2e: $(DEV_STAMP)
@@ -35,6 +36,7 @@ e2e: $(DEV_STAMP)
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check geoloc_ray tests jobs bench
+	$(BIN)/lint-imports
 
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/run_all.py

@@ -1,31 +1,22 @@
-"""`geoloc-ray`: one thin command per pipeline stage (recipes only wire library functions)."""
+"""`geoloc-ray`: one thin command per pipeline stage (recipes only wire library functions).
+
+The pipeline stages come from the stage registry (`geoloc_ray.stages`); `synth`, `serve`, `submit` and `demo`
+are the commands around it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from typing import Any
 
-from geoloc_ray.config import ConfigError, load_config
+from geoloc_ray.config import Config, ConfigError, load_config
+from geoloc_ray.stages import BY_NAME
 
-STAGES: dict[str, tuple[str, str]] = {
-    "prepare": ("geoloc_ray.preprocess.prepare", "run_prepare"),
-    "refine": ("geoloc_ray.captions.stage", "run_refine"),
-    "train": ("geoloc_ray.train.run", "run_train"),
-    "index": ("geoloc_ray.index.build", "run_index"),
-    "eval": ("geoloc_ray.eval.evaluate", "run_eval"),
-    "pipeline": ("geoloc_ray.pipeline", "run_pipeline"),
-}
 HELP = {
     "synth": "generate a procedural multi-platform world in the GeoText-1652 layout",
-    "prepare": "read, partition, clean and split texts -> prepared/{train,test}.parquet",
-    "refine": "rewrite training captions per platform (rules / transformers / vLLM) -> refined/",
-    "train": "stage 0 (unified, aligned), three experts (stage 1, mining, stage 2), gate -> models/",
-    "index": "embed the gallery with the experts and build the faiss index -> index/",
-    "eval": "recall@K of the four variants, per platform and under corruptions -> eval/",
     "pipeline": "prepare -> refine -> train -> index -> eval, skipping stages that are up to date",
     "serve": "start the Ray Serve application (HTTP API + search page) for a trained run",
     "submit": "write a RoboSense Track 4 submission.txt for a queries file and a flat gallery",
@@ -39,17 +30,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, e.g. --set train.batch_size=64 (repeatable)")
 
 
+def _add_world_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--locations", type=int, default=None, help="override synth.locations")
+    p.add_argument("--seed", type=int, default=None, help="override synth.seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geoloc-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help=HELP["synth"])
     p.add_argument("out", help="output folder or URI (becomes data.root)")
-    p.add_argument("--locations", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    _add_world_args(p)
     _add_config_args(p)
-    for name in STAGES:
-        _add_config_args(sub.add_parser(name, help=HELP[name]))
+    for stage in BY_NAME.values():
+        _add_config_args(sub.add_parser(stage.name, help=stage.help))
+    _add_config_args(sub.add_parser("pipeline", help=HELP["pipeline"]))
     p = sub.add_parser("serve", help=HELP["serve"])
     _add_config_args(p)
     p.add_argument("--no-block", action="store_true", help="start the app and return")
@@ -60,13 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="submission.txt")
     p = sub.add_parser("demo", help=HELP["demo"])
     _add_config_args(p)
-    p.add_argument("--locations", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    _add_world_args(p)
     return parser
-
-
-def _call(module: str, func: str, *args: Any, **kwargs: Any) -> Any:
-    return getattr(importlib.import_module(module), func)(*args, **kwargs)
 
 
 def _print(result: Any) -> None:
@@ -76,26 +67,48 @@ def _print(result: Any) -> None:
         print(json.dumps(result, indent=2, default=str))
 
 
-def run(args: argparse.Namespace) -> Any:
-    cfg = load_config(args.config, args.overrides)
-    from geoloc_ray.artifacts import apply_storage_options
+def _synth(cfg: Config, args: argparse.Namespace) -> Any:
+    from geoloc_ray.corpus.synth import synth_from_config
 
-    apply_storage_options(cfg)
-    if args.command == "synth":
-        s = cfg.synth
-        return _call("geoloc_ray.corpus.synth", "synth_world", args.out,
-                     locations=args.locations or s.locations, seed=s.seed if args.seed is None else args.seed,
-                     test_fraction=s.test_fraction, drone_views=s.drone_views, ground_views=s.ground_views,
-                     image_size=s.image_size, queries_per_image=s.queries_per_image)
-    if args.command in STAGES:
-        return _call(*STAGES[args.command], cfg)
-    if args.command == "serve":
-        return _call("geoloc_ray.serve.app", "serve_locally", cfg, block=not args.no_block)
-    if args.command == "submit":
-        return _call("geoloc_ray.submit", "run_submit", cfg, args.queries, args.gallery, args.out)
-    if args.command == "demo":
-        return _call("geoloc_ray.pipeline", "run_demo", cfg, locations=args.locations, seed=args.seed)
-    raise AssertionError(args.command)
+    world = {k: v for k, v in (("locations", args.locations), ("seed", args.seed)) if v is not None}
+    return synth_from_config(cfg.synth.model_copy(update=world), args.out)
+
+
+def _serve(cfg: Config, args: argparse.Namespace) -> Any:
+    from geoloc_ray.serve.app import serve_locally
+
+    return serve_locally(cfg, block=not args.no_block)
+
+
+def _submit(cfg: Config, args: argparse.Namespace) -> Any:
+    from geoloc_ray.submit import run_submit
+
+    return run_submit(cfg, args.queries, args.gallery, args.out)
+
+
+def _pipeline(cfg: Config, args: argparse.Namespace) -> Any:
+    from geoloc_ray.pipeline import run_pipeline
+
+    return run_pipeline(cfg)
+
+
+def _demo(cfg: Config, args: argparse.Namespace) -> Any:
+    from geoloc_ray.pipeline import run_demo
+
+    return run_demo(cfg, locations=args.locations, seed=args.seed)
+
+
+COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo}
+
+
+def run(args: argparse.Namespace) -> Any:
+    from geoloc_ray.runtime import use_storage
+
+    cfg = load_config(args.config, args.overrides)
+    use_storage(cfg)  # synth and submit touch storage without starting Ray
+    if args.command in BY_NAME:
+        return BY_NAME[args.command].run(cfg)
+    return COMMANDS[args.command](cfg, args)
 
 
 def main(argv: list[str] | None = None) -> int:

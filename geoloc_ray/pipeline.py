@@ -1,87 +1,64 @@
-"""prepare -> refine -> train -> index -> eval in one command; a finished stage is skipped when its outputs
-exist and its config hash (over its own and all upstream config sections) matches."""
+"""prepare -> refine -> train -> index -> eval in one command (the stage registry, in order); a finished stage
+is skipped when its output exists and its config hash matches the one recorded when it finished."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from typing import Any
 
 from geoloc_ray import artifacts, io
-from geoloc_ray.config import Config, config_hash
+from geoloc_ray.config import Config
+from geoloc_ray.stages import STAGES, Stage, hashes
 
 log = logging.getLogger(__name__)
 
-# (stage, module, function, config sections it depends on, an output that proves it finished)
-STAGES: list[tuple[str, str, str, list[str], str]] = [
-    ("prepare", "geoloc_ray.preprocess.prepare", "run_prepare", ["data", "preprocess"], "prepared/summary.json"),
-    ("refine", "geoloc_ray.captions.stage", "run_refine", ["refine"], "refined/summary.json"),
-    ("train", "geoloc_ray.train.run", "run_train", ["model", "train", "seed"], "models/moe/manifest.json"),
-    ("index", "geoloc_ray.index.build", "run_index", ["index"], "index/LATEST.json"),
-    ("eval", "geoloc_ray.eval.evaluate", "run_eval", ["eval"], "eval/metrics.json"),
-]
 
-
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    """Cumulative: a stage's hash covers its sections and every upstream stage's."""
-    out, sections = {}, []
-    for name, _, _, own, _ in STAGES:
-        sections = sections + own
-        out[name] = config_hash(cfg, sections)
-    return out
-
-
-def _marker(cfg: Config, stage: str) -> str:
-    return artifacts.artifact(cfg, "pipeline", f"{stage}.json")
-
-
-def is_up_to_date(cfg: Config, stage: str, expected_hash: str, output: str) -> bool:
-    marker = _marker(cfg, stage)
+def is_up_to_date(cfg: Config, stage: Stage, expected_hash: str) -> bool:
+    marker = artifacts.pipeline_marker(cfg, stage.name)
     return (io.exists(marker) and io.read_json(marker).get("hash") == expected_hash
-            and io.exists(artifacts.artifact(cfg, output)))
+            and io.exists(stage.output(cfg)))
 
 
-def run_pipeline(cfg: Config, stages: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: Config, only: list[str] | None = None) -> dict[str, Any]:
     """Run (or skip) each stage in order; returns per-stage status, seconds and results."""
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import connect
 
-    artifacts.apply_storage_options(cfg)
-    init_ray(cfg)
-    hashes = stage_hashes(cfg)
+    connect(cfg)
+    expected = hashes(cfg)
     report: dict[str, Any] = {}
-    for name, module, func, _, output in STAGES:
-        if stages is not None and name not in stages:
+    for stage in STAGES:
+        if only is not None and stage.name not in only:
             continue
-        if is_up_to_date(cfg, name, hashes[name], output):
-            log.info("pipeline: %s is up to date, skipped", name)
-            report[name] = {"status": "skipped"}
+        if is_up_to_date(cfg, stage, expected[stage.name]):
+            log.info("pipeline: %s is up to date, skipped", stage.name)
+            report[stage.name] = {"status": "skipped"}
             continue
-        log.info("pipeline: running %s", name)
+        log.info("pipeline: running %s", stage.name)
         t0 = time.perf_counter()
-        result = getattr(importlib.import_module(module), func)(cfg)
+        result = stage.run(cfg)
         seconds = round(time.perf_counter() - t0, 1)
-        io.write_json(_marker(cfg, name), {"hash": hashes[name], "seconds": seconds,
-                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        report[name] = {"status": "ran", "seconds": seconds, "result": result}
-    io.write_json(artifacts.artifact(cfg, "pipeline", "last_run.json"),
+        io.write_json(artifacts.pipeline_marker(cfg, stage.name),
+                      {"hash": expected[stage.name], "seconds": seconds,
+                       "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        report[stage.name] = {"status": "ran", "seconds": seconds, "result": result}
+    io.write_json(artifacts.pipeline_last_run(cfg),
                   {k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in report.items()})
     return report
 
 
 def ensure_world(cfg: Config, locations: int | None, seed: int | None) -> dict[str, Any]:
     """Synthesize the demo world at data.root unless the same world (locations, seed) is already there."""
-    from geoloc_ray.corpus.synth import synth_world
+    from geoloc_ray.corpus.synth import synth_from_config
 
-    s = cfg.synth
-    want = {"locations": locations or s.locations, "seed": s.seed if seed is None else seed}
+    synth = cfg.synth.model_copy(update={k: v for k, v in (("locations", locations), ("seed", seed))
+                                         if v is not None})
+    want = {"locations": synth.locations, "seed": synth.seed}
     stamp = io.join(cfg.data.root, "synth.json")
     if io.exists(stamp) and all(io.read_json(stamp).get(k) == v for k, v in want.items()):
         log.info("demo: world at %s is up to date", cfg.data.root)
         return io.read_json(stamp)
-    summary = synth_world(cfg.data.root, want["locations"], want["seed"], test_fraction=s.test_fraction,
-                          drone_views=s.drone_views, ground_views=s.ground_views, image_size=s.image_size,
-                          queries_per_image=s.queries_per_image)
+    summary = synth_from_config(synth, cfg.data.root)
     io.write_json(stamp, {**want, "summary": summary})
     return summary
 
@@ -94,7 +71,7 @@ def run_demo(cfg: Config, locations: int | None = None, seed: int | None = None)
     ensure_world(cfg, locations, seed)
     synth_s = time.perf_counter() - t0
     report = run_pipeline(cfg)
-    metrics = io.read_json(artifacts.artifact(cfg, "eval", "metrics.json"))
+    metrics = io.read_json(artifacts.metrics(cfg))
     timings = [f"synth {synth_s:.0f}s"] + [
         f"{k} {v['seconds']:.0f}s" if v["status"] == "ran" else f"{k} skipped" for k, v in report.items()]
     total = time.perf_counter() - t0

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import os
 
+from geoloc_ray import io
 from geoloc_ray.config import Config
+
+
+def use_storage(cfg: Config) -> None:
+    """Register the config's fsspec options (an S3 endpoint, credentials) for every URI this process touches."""
+    for proto, opts in cfg.data.storage_options.items():
+        io.set_storage_options(proto, opts)
+
+
+def connect(cfg: Config) -> None:
+    """What every stage does first: storage options, then join (or start) Ray. Idempotent, so a stage called by
+    the pipeline, the CLI or a test behaves the same."""
+    use_storage(cfg)
+    init_ray(cfg)
 
 
 def init_ray(cfg: Config | None = None, **overrides) -> None:
@@ -34,11 +48,9 @@ def init_ray(cfg: Config | None = None, **overrides) -> None:
 
 def _runtime_env() -> dict:
     """Env vars every worker of this job needs: storage options (s3 endpoint...) and offline model hub."""
-    from geoloc_ray.io import STORAGE_ENV
-
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "RAY_USAGE_STATS_ENABLED": "0"}
-    if os.environ.get(STORAGE_ENV):
-        env[STORAGE_ENV] = os.environ[STORAGE_ENV]
+    if os.environ.get(io.STORAGE_ENV):
+        env[io.STORAGE_ENV] = os.environ[io.STORAGE_ENV]
     return {"env_vars": env}
 
 
@@ -47,5 +59,5 @@ def _quiet_data_context() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    # Small CPU-only clusters: don't let one stage reserve the whole object store.
+    # One summary bar per dataset, not one line per operator on every update.
     ctx.execution_options.verbose_progress = False

@@ -14,7 +14,8 @@ from geoloc_ray.captions.refiner import RefineSettings, RowRefiner, finalize, se
 from geoloc_ray.captions.rules import attributes_of, is_directional, refine_rules
 from geoloc_ray.captions.validate import REJECTION_REASONS, validate_output
 from geoloc_ray.captions.vocabulary import load_vocabulary
-from geoloc_ray.config import DEFAULT_DIRECTIONAL_PHRASES, config_from_dict
+from geoloc_ray.config import config_from_dict
+from geoloc_ray.preprocess.text import default_directional_phrases
 
 # A generic description (it talks about everything, whatever the camera sees), split into statements.
 GENERIC = [
@@ -35,7 +36,7 @@ MORE = [
 
 @pytest.fixture(scope="module")
 def vocab():
-    return load_vocabulary().with_directional(DEFAULT_DIRECTIONAL_PHRASES)
+    return load_vocabulary().with_directional(default_directional_phrases())
 
 
 def _attrs(texts, vocab) -> set[str]:
@@ -52,7 +53,7 @@ def test_packaged_vocabulary_covers_every_platform(vocab):
     )
     assert "facade" not in vocab.visible("satellite") and "roof" not in vocab.visible("ground")
     assert (
-        vocab.fingerprint() == load_vocabulary().with_directional(DEFAULT_DIRECTIONAL_PHRASES).fingerprint()
+        vocab.fingerprint() == load_vocabulary().with_directional(default_directional_phrases()).fingerprint()
     )
 
 
@@ -327,6 +328,7 @@ def test_run_refine_rules_end_to_end(ray_local, tmp_path, vocab):
     assert summary["statements_in"] == sum(len(t) for *_, t in ROWS)
     assert 0 < summary["statements_out"] < summary["statements_in"]
     assert summary["empty_rows"] == {"count": 1, "image_ids": ["0003/ground-1.jpg"]}
+    assert summary["rows_written"] == len(ROWS) - 1  # the row refined to nothing is not trained on
     assert summary["rules_dropped"]["invisible"] > 0 and summary["rules_dropped"]["filler"] == 4
     assert io.read_json(str(tmp_path / "refined" / "summary.json"))["rows"] == len(ROWS)
 
@@ -336,6 +338,7 @@ def test_run_refine_rules_end_to_end(ray_local, tmp_path, vocab):
         "texts_original",
     ]
     assert list(out.loc["0001/0001.jpg", "texts_original"]) == GENERIC
+    assert "0003/ground-1.jpg" not in out.index and all(len(t) for t in out["texts"])
     assert list(out.loc["0001/0001.jpg", "texts"]) == refine_rules(GENERIC, "satellite", vocab).texts
     assert not _attrs(list(out.loc["0001/0001.jpg", "texts"]), vocab) & {"facade", "windows", "height"}
     assert not _attrs(list(out.loc["0001/ground-1.jpg", "texts"]), vocab) & {"roof", "water"}

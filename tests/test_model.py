@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from geoloc_ray.config import AugmentConfig, ModelConfig, TextTowerConfig  # noqa: E402
+from tests.helpers import assert_close_scaled  # noqa: E402
 
 PLATFORMS = ["satellite", "drone", "ground"]
 TEXTS = ["a tall white office tower with a flat roof", "red brick house", "a stadium next to a river and a park"]
@@ -185,8 +186,8 @@ def test_checkpoint_round_trip(moe, pixels, tmp_path, where):
     manifest = save_model(moe, uri, extra={"stage": "test"})
     loaded = load_model(uri).eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded.fused_query(TEXTS), moe.fused_query(TEXTS), rtol=0, atol=0)
-        torch.testing.assert_close(loaded.gallery_vectors(pixels), moe.gallery_vectors(pixels), rtol=0, atol=0)
+        assert_close_scaled(loaded.fused_query(TEXTS), moe.fused_query(TEXTS))
+        assert_close_scaled(loaded.gallery_vectors(pixels), moe.gallery_vectors(pixels))
     assert read_manifest(uri)["model_version"] == manifest["model_version"] == loaded.manifest["model_version"]
     assert manifest["heads"] == PLATFORMS and manifest["gate"] and manifest["extra"] == {"stage": "test"}
     assert not manifest["text_trunk"]["stored"] and len(manifest["text_trunk"]["sha256"]) == 64
@@ -204,10 +205,9 @@ def test_serve_style_partial_loads(moe, pixels, tmp_path):
     assert encoder.head_names == [] and encoder.gate is not None
     with torch.no_grad():
         trunk = encoder.text_trunk_output(TEXTS)
-        torch.testing.assert_close(encoder.gate(trunk), moe.gate(moe.text_trunk_output(TEXTS)), rtol=0, atol=0)
-        torch.testing.assert_close(head.text(trunk), moe.encode_text(TEXTS, "drone"), rtol=0, atol=0)
-        torch.testing.assert_close(head.image(moe.image_trunk_output(pixels)), moe.encode_image(pixels, "drone"),
-                                   rtol=0, atol=0)
+        assert_close_scaled(encoder.gate(trunk), moe.gate(moe.text_trunk_output(TEXTS)))
+        assert_close_scaled(head.text(trunk), moe.encode_text(TEXTS, "drone"))
+        assert_close_scaled(head.image(moe.image_trunk_output(pixels)), moe.encode_image(pixels, "drone"))
     with pytest.raises(KeyError, match="no head"):
         load_head(str(tmp_path / "ckpt"), "unified")
 

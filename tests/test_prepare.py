@@ -5,9 +5,9 @@ import json
 import pytest
 
 from geoloc_ray import io
-from geoloc_ray.config import DEFAULT_DIRECTIONAL_PHRASES, config_from_dict
+from geoloc_ray.config import config_from_dict
 from geoloc_ray.preprocess.prepare import run_prepare
-from geoloc_ray.preprocess.text import is_directional
+from geoloc_ray.preprocess.text import default_directional_phrases, is_directional
 from tests.helpers import free_port, make_geotext_corpus
 
 pytestmark = pytest.mark.ray
@@ -22,7 +22,7 @@ def _check_outputs(artifacts: str):
     assert sorted(train["platform"].unique()) == ["drone", "ground", "satellite"]
     for texts in train["texts"]:
         assert len(texts) >= 2
-        assert not any(is_directional(t, DEFAULT_DIRECTIONAL_PHRASES) for t in texts)
+        assert not any(is_directional(t, default_directional_phrases()) for t in texts)
         assert not any("lake" in t for t in texts)  # the lake was only in a directional sentence
     assert set(test["location_id"]) == {"0003"} and all(len(t) == 1 for t in test["texts"])
     assert train.set_index("image_id").loc["0001/0001.jpg", "lat"] == 30.0

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoloc_ray.config import DEFAULT_DIRECTIONAL_PHRASES, PlatformRules, SynthConfig
+from geoloc_ray.config import PlatformRules, SynthConfig
 from geoloc_ray.corpus.records import location_from_image_id, platform_from_path
 from geoloc_ray.corpus.synth import (
     Location,
@@ -24,10 +24,11 @@ from geoloc_ray.corpus.synth import (
 from geoloc_ray.corpus.synth.captions import training_caption
 from geoloc_ray.corpus.synth.queries import platform_queries
 from geoloc_ray.corpus.synth.world import FACADE_COLOURS, ROOF_COLOURS
+from geoloc_ray.preprocess.text import default_directional_phrases
 
 KW = dict(test_fraction=0.34, drone_views=2, ground_views=2, image_size=64, queries_per_image=2, progress=False)
 N_LOC = 6
-CLEANED = [re.compile(p, re.IGNORECASE) for p in DEFAULT_DIRECTIONAL_PHRASES]  # what preprocessing drops
+CLEANED = [re.compile(p, re.IGNORECASE) for p in default_directional_phrases()]  # what preprocessing drops
 DIRECTIONAL = CLEANED + [  # queries are stricter: no direction or relative position at all
     re.compile(r"\b(?:left|right|north|south|east|west|front|behind|top|bottom|above|below)\b", re.IGNORECASE)]
 COLOUR_WORDS = {w for name in list(ROOF_COLOURS) + list(FACADE_COLOURS) for w in name.split()} - {"glass"}

@@ -1,12 +1,14 @@
-from geoloc_ray.config import DEFAULT_DIRECTIONAL_PHRASES as DIRS
 from geoloc_ray.preprocess.text import (
     clean_query,
     clean_text,
+    default_directional_phrases,
     is_directional,
     split_sentences,
     split_statement,
     training_statements,
 )
+
+DIRS = default_directional_phrases()
 
 
 def test_directional_sentences_are_detected():

@@ -8,11 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from geoloc_ray import artifacts
 from geoloc_ray.captions.cache import RefineCache, cache_key
 from geoloc_ray.captions.prompts import build_messages, parse_output, prompt_template
 from geoloc_ray.captions.rules import DROP_REASONS, refine_rules
 from geoloc_ray.captions.validate import validate_output
 from geoloc_ray.captions.vocabulary import Vocabulary, load_vocabulary
+from geoloc_ray.preprocess.text import directional_phrases
 
 # Per-row bookkeeping columns added by the refiner; the stage sums them into the summary, then drops them.
 STAT_COLUMNS: tuple[str, ...] = (
@@ -65,7 +67,7 @@ def settings_from_config(cfg) -> RefineSettings:
     from geoloc_ray import io
 
     rc = cfg.refine
-    vocab = load_vocabulary(rc.vocabulary).with_directional(list(cfg.preprocess.directional_phrases))
+    vocab = load_vocabulary(rc.vocabulary).with_directional(directional_phrases(cfg.preprocess))
     model = rc.vllm.model if rc.backend == "vllm" else rc.model
     if rc.backend == "transformers" and not model:
         raise ValueError("refine.backend=transformers needs refine.model (a local causal-LM folder)")
@@ -74,7 +76,7 @@ def settings_from_config(cfg) -> RefineSettings:
     return RefineSettings(
         backend=rc.backend,
         vocabulary=vocab,
-        cache_uri=io.join(cfg.artifacts, "refined", "cache"),
+        cache_uri=artifacts.refine_cache(cfg),
         prompt_version=rc.prompt_version,
         model=model,
         max_new_tokens=rc.max_new_tokens,

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from geoloc_ray import io
+from geoloc_ray import artifacts, io
 from geoloc_ray.captions.cache import compact_cache
 from geoloc_ray.captions.refiner import STAT_COLUMNS, Refiner, RefineSettings, settings_from_config
 from geoloc_ray.captions.rules import DROP_REASONS
@@ -15,15 +15,6 @@ from geoloc_ray.captions.validate import REJECTION_REASONS
 log = logging.getLogger(__name__)
 
 MAX_LISTED_EMPTY = 50  # the summary names at most this many rows left without a visible statement
-
-
-def refine_paths(artifacts: str) -> dict[str, str]:
-    return {
-        "input": io.join(artifacts, "prepared", "train.parquet"),
-        "output": io.join(artifacts, "refined", "train.parquet"),
-        "cache": io.join(artifacts, "refined", "cache"),
-        "summary": io.join(artifacts, "refined", "summary.json"),
-    }
 
 
 def _refine_dataset(ds, settings: RefineSettings, cfg):
@@ -73,6 +64,7 @@ def summarize(stats, settings: RefineSettings, seconds: float = 0.0) -> dict[str
             for s in ("llm", "rules", "original", "empty")
         },
         "rules_dropped": {r: int(stats[f"refine_drop_{r}"].sum()) if n else 0 for r in DROP_REASONS},
+        # Rows left without a statement are dropped from refined/train.parquet (training would have no text).
         "empty_rows": {"count": len(empty), "image_ids": empty[:MAX_LISTED_EMPTY]},
         "per_platform": per_platform,
         "seconds": round(seconds, 2),
@@ -86,9 +78,9 @@ def run_refine(cfg) -> dict[str, Any]:
     from geoloc_ray.runtime import init_ray
 
     start = time.time()
-    paths = refine_paths(cfg.artifacts)
-    if not io.exists(paths["input"]):
-        raise FileNotFoundError(f"{paths['input']} not found: run `geoloc-ray prepare` first")
+    paths = {"input": artifacts.require(artifacts.prepared(cfg, "train"), "prepare"),
+             "output": artifacts.refined_train(cfg), "cache": artifacts.refine_cache(cfg),
+             "summary": artifacts.refine_summary(cfg)}
     settings = settings_from_config(cfg)
     init_ray(cfg)
     ds = ray.data.read_parquet(paths["input"], filesystem=io.arrow_filesystem(paths["input"]))
@@ -101,12 +93,15 @@ def run_refine(cfg) -> dict[str, Any]:
         raise ValueError(f"{paths['input']} has no rows to refine")
     stats = refined.select_columns(["image_id", "platform", *STAT_COLUMNS]).to_pandas()
     io.remove(paths["output"])  # a rerun replaces the output; the cache is kept
-    refined.select_columns([*columns, "texts_original"]).write_parquet(
+    # A row refined to no statement has nothing to train on: it is counted (summary `empty_rows`), not written.
+    kept = refined.filter(lambda row: len(row["texts"]) > 0)
+    kept.select_columns([*columns, "texts_original"]).write_parquet(
         paths["output"], filesystem=io.arrow_filesystem(paths["output"])
     )
     entries = compact_cache(paths["cache"])
     summary = {
         **summarize(stats, settings, time.time() - start),
+        "rows_written": kept.count(),
         "output": paths["output"],
         "cache_dir": paths["cache"],
         "cache_entries": entries,

@@ -182,12 +182,6 @@ class GeoLocModel(nn.Module):
             self.gate.requires_grad_(gate)
         self.train(self.training)
 
-    def freeze_trunk(self) -> None:
-        """Freeze both trunks; heads and gate keep their current setting."""
-        self.text_trunk.requires_grad_(False)
-        self.image_trunk.requires_grad_(False)
-        self.train(self.training)
-
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

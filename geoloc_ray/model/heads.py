@@ -43,10 +43,6 @@ class ExpertHead(nn.Module):
         self.text = text
         self.image = image
 
-    def score(self, text_trunk: TextTrunkOutput, image_trunk: ImageTrunkOutput) -> torch.Tensor:
-        """(Q, N) cosine similarities between every query and every image."""
-        return self.text(text_trunk) @ self.image(image_trunk).T
-
 
 class Gate(nn.Module):
     """2-layer MLP on the shared trunk query feature -> softmax over the platforms (the experts)."""

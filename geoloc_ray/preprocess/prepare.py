@@ -11,7 +11,7 @@ from geoloc_ray.config import Config
 from geoloc_ray.corpus.read import read_split
 from geoloc_ray.corpus.records import PREPARED_COLUMNS
 from geoloc_ray.preprocess.images import image_problem
-from geoloc_ray.preprocess.text import clean_query, training_statements
+from geoloc_ray.preprocess.text import clean_query, directional_phrases, training_statements
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     ds = ds.map_batches(
         clean_texts_batch,
         batch_format="pandas",
-        fn_kwargs={"patterns": pp.directional_phrases, "max_words": pp.max_statement_words,
+        fn_kwargs={"patterns": directional_phrases(pp), "max_words": pp.max_statement_words,
                    "min_words": pp.min_statement_words},
     )
     if pp.check_images:

@@ -10,6 +10,11 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from geoloc_ray.config import PreprocessConfig
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+|\n+")
 _CLAUSE_BREAK = re.compile(r",\s*(?:and|while|whereas|but|which)\s+|;\s*|\s+while\s+|,\s+")
@@ -26,6 +31,17 @@ def clean_text(text: str) -> str:
 
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(clean_text(text)) if s and s.strip()]
+
+
+@lru_cache(maxsize=1)
+def default_directional_phrases() -> tuple[str, ...]:
+    """The packaged list (directional_phrases.yaml beside this module)."""
+    return tuple(yaml.safe_load((Path(__file__).with_name("directional_phrases.yaml")).read_text()))
+
+
+def directional_phrases(pp: PreprocessConfig) -> list[str]:
+    """The config's phrases, or the packaged list when the config names none."""
+    return list(default_directional_phrases() if pp.directional_phrases is None else pp.directional_phrases)
 
 
 @lru_cache(maxsize=16)

@@ -1,33 +1,15 @@
-"""Typed run configuration: one pydantic tree loaded from YAML, checked at load time.
-
-Every stage takes the same `Config`; `--set dotted.key=value` overrides are applied to the raw YAML
-before validation, so a typo in a key or a bad value fails fast and names the key.
-"""
+"""The config's sections, one pydantic model per pipeline stage (extra keys forbidden, values checked)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from geoloc_ray import io
 
 PLATFORMS: tuple[str, ...] = ("satellite", "drone", "ground")
 Platform = Literal["satellite", "drone", "ground"]
-
-DEFAULT_DIRECTIONAL_PHRASES: list[str] = [
-    r"\bto the (?:north|south|east|west|northeast|northwest|southeast|southwest|left|right|front|back|rear)\b",
-    r"\b(?:north|south|east|west)(?:ern|ward|wards)?\b",
-    r"\b(?:northeast|northwest|southeast|southwest)(?:ern)?\b",
-    r"\bon the (?:left|right)(?: side| hand side)?\b",
-    r"\b(?:left|right)[- ](?:hand )?side\b",
-    r"\bto (?:its|the) (?:left|right)\b",
-    r"\b(?:upper|lower|top|bottom)[- ](?:left|right)\b",
-    r"\bat the (?:top|bottom) of the (?:image|picture|photo)\b",
-]
-
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -77,7 +59,9 @@ class AugmentConfig(_Model):
 
 
 class PreprocessConfig(_Model):
-    directional_phrases: list[str] = Field(default_factory=lambda: list(DEFAULT_DIRECTIONAL_PHRASES))
+    # Regexes of direction phrases whose sentences are dropped; None: the packaged list
+    # (geoloc_ray/preprocess/directional_phrases.yaml).
+    directional_phrases: list[str] | None = None
     max_statement_words: int = Field(24, ge=3)
     min_statement_words: int = Field(2, ge=1)
     check_images: bool = True
@@ -152,8 +136,7 @@ class StageConfig(_Model):
 
 
 class TrainConfig(_Model):
-    num_workers: int = Field(1, ge=1)  # data-parallel workers for stage 0 (and per expert, see below)
-    workers_per_expert: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1)  # data-parallel workers per fit (stage 0, each head, each expert, the gate)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False
     torch_threads: int | None = None
@@ -221,19 +204,40 @@ class EvalConfig(_Model):
     plots: bool = True
 
 
-class ServeConfig(_Model):
+class ServeReplicas(_Model):
+    """Fixed replica counts per Serve deployment (serve_config.yaml `deployments[]` may autoscale instead)."""
+
+    ingress: int = Field(1, ge=1)
+    encoder: int = Field(1, ge=1)
+    expert: int = Field(1, ge=1)  # per platform
+    shard: int = Field(1, ge=1)  # per index shard
+
+
+class ServeAppConfig(_Model):
+    """The Serve app's knobs, one definition for `serve:` here and serve_config.yaml `args` (serve.AppArgs)."""
+
+    model: str | None = None  # a model name under models/; None: the assembled PE-MoE model
+    index_build: str = "latest"  # a build folder name under index/, or "latest" (index/LATEST.json)
+    api_key: str | None = None  # None: env GEOLOC_API_KEY in the ingress replica, else no key
+    max_query_chars: int = Field(1000, ge=1)
+    max_batch_size: int = Field(16, ge=1)  # @serve.batch of the QueryEncoder and the ExpertHeads
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    num_cpus: float = Field(0.25, gt=0)  # per replica: the default fits the whole graph on 2 CPUs
+    num_gpus: float = Field(0.0, ge=0)  # per QueryEncoder / ExpertHead replica (shards use faiss-cpu)
+    replicas: ServeReplicas = Field(default_factory=ServeReplicas)
+    max_ongoing_requests: int = Field(64, ge=1)  # per replica; >= max_batch_size so batches can fill
+    torch_threads: int = Field(1, ge=1)  # per QueryEncoder / ExpertHead replica
+    expert_timeout_s: float = Field(10.0, gt=0)  # past this an expert counts as failed (degraded answer)
+    shard_timeout_s: float = Field(10.0, gt=0)
+    thumbnail_px: int = Field(160, ge=16, le=1024)
+
+
+class ServeConfig(ServeAppConfig):
+    """`geoloc-ray serve`: the app's knobs and where it listens (serve_config.yaml: http_options, route_prefix)."""
+
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     route_prefix: str = "/"
-    api_key: str | None = None  # or env GEOLOC_API_KEY
-    max_query_chars: int = Field(1000, ge=1)
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    num_cpus: float = Field(0.25, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
-    encoder_replicas: int = Field(1, ge=1)
-    expert_replicas: int = Field(1, ge=1)
-    shard_replicas: int = Field(1, ge=1)
 
 
 class RayConfig(_Model):
@@ -241,111 +245,3 @@ class RayConfig(_Model):
     num_cpus: int | None = None
     object_store_memory: int | None = 512 * 2**20
     include_dashboard: bool = False
-
-
-class Config(_Model):
-    profile: str = "demo"
-    artifacts: str = "artifacts/demo"
-    seed: int = 0
-    data: DataConfig = Field(default_factory=DataConfig)
-    synth: SynthConfig = Field(default_factory=SynthConfig)
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    refine: RefineConfig = Field(default_factory=RefineConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    index: IndexConfig = Field(default_factory=IndexConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    serve: ServeConfig = Field(default_factory=ServeConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-
-    _absolute_artifacts = field_validator("artifacts")(io.absolute_if_local)
-
-    @model_validator(mode="after")
-    def _check_platforms(self) -> Config:
-        if sorted(self.model.platforms) != sorted(set(self.model.platforms)):
-            raise ValueError("model.platforms must not repeat a platform")
-        return self
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for i, key in enumerate(keys[:-1]):
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"cannot set '{dotted}': '{'.'.join(keys[: i + 1])}' is not a section")
-        node = child
-    node[keys[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Split `dotted.key=value`; the value is parsed as YAML so numbers, lists and null work."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like dotted.key=value")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}' has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML: {exc}") from exc
-    return key, value
-
-
-def _format_validation_error(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key")
-        else:
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
-
-
-def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> Config:
-    tree = dict(raw or {})
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (None: the embedded demo default) and apply `--set` overrides."""
-    if path is None and not default_config_path().exists():
-        return config_from_dict({}, overrides, source="<built-in defaults>")
-    path = Path(path) if path is not None else default_config_path()
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-    return config_from_dict(raw, overrides, source=str(path))
-
-
-def default_config_path() -> Path:
-    """configs/demo.yaml of the checkout (an installed package without it uses the built-in defaults,
-    which are the same demo profile)."""
-    return Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
-
-def config_hash(cfg: Config, sections: list[str]) -> str:
-    """A stable hash of the named config sections: a stage is up to date when its inputs' hash matches."""
-    import hashlib
-    import json
-
-    dump = cfg.model_dump(mode="json")
-    picked = {s: dump[s] for s in sections}
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
