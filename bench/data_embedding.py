@@ -72,7 +72,7 @@ def plain_embed(uri: str, rows: list[dict[str, Any]], batch: int, threads: int) 
 
     from geoloc_ray.embedding import image_vectors, input_size
     from geoloc_ray.model import load_model
-    from geoloc_ray.train.data import decode_pixels
+    from geoloc_ray.preprocess.images import decode_pixels
 
     torch.set_num_threads(threads)
     model, load_s = timed(lambda: load_model(uri).eval())

@@ -41,34 +41,21 @@ def validate_submission(lines: list[str], query_ids: list[str], gallery_ids: set
             raise SubmissionError(f"line {lineno}: ids not in the gallery (or with an extension): {unknown[:3]}")
 
 
-def _query_vectors(model, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    import torch
-
-    from geoloc_ray.preprocess.text import clean_query
-
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            chunk = [clean_query(t) for t in texts[i : i + batch_size]]
-            out.append(model.fused_query(chunk, weights="gate").cpu().numpy())
-    return np.concatenate(out).astype(np.float32)
-
-
 def run_submit(cfg: Config, queries_uri: str, gallery_uri: str, out_uri: str) -> dict[str, Any]:
     """Rank the flat gallery for each query with the trained PE-MoE model and write a validated submission."""
-    import faiss
     import ray.data
 
-    from geoloc_ray.embedding import embed_images
+    from geoloc_ray.embedding import embed_images, query_vectors
+    from geoloc_ray.index.faiss_index import exact_search
     from geoloc_ray.model import load_model
+    from geoloc_ray.preprocess.text import clean_query
     from geoloc_ray.runtime import init_ray
 
     artifacts.apply_storage_options(cfg)
     queries = read_queries(queries_uri)
     gallery = list_gallery(gallery_uri)
-    model_uri = artifacts.model_dir(cfg, "moe")
-    if not io.exists(io.join(model_uri, "manifest.json")):
-        raise FileNotFoundError(f"no trained model at {model_uri}: run `geoloc-ray train` first")
+    model_uri = artifacts.model_dir(cfg, artifacts.MOE)
+    artifacts.require(artifacts.model_manifest(cfg, artifacts.MOE), "train")
     init_ray(cfg)
     rows = ray.data.from_items([{"image_id": g.image_id, "image_uri": g.image_uri} for g in gallery])
     frame = embed_images(rows, {"embedding": (model_uri, list(cfg.model.platforms))}, cfg.index)
@@ -77,10 +64,9 @@ def run_submit(cfg: Config, queries_uri: str, gallery_uri: str, out_uri: str) ->
         log.warning("%d gallery images could not be decoded and are left out: %s", len(skipped), skipped[:5])
     if len(frame) < TOP_K:
         raise ValueError(f"only {len(frame)} decodable gallery images: a submission needs {TOP_K} per query")
-    index = faiss.IndexFlatIP(len(frame["embedding"].iat[0]))
-    index.add(np.stack(frame["embedding"].to_numpy()).astype(np.float32))
     model = load_model(model_uri).eval()
-    _, ranked = index.search(_query_vectors(model, [q.text for q in queries]), TOP_K)
+    texts = [clean_query(q.text) for q in queries]
+    _, ranked = exact_search(query_vectors(model, texts).vectors, np.stack(frame["embedding"].to_numpy()), TOP_K)
     ids = frame["image_id"].to_numpy()
     lines = format_lines([q.query_id for q in queries], [[str(ids[j]) for j in row] for row in ranked])
     validate_submission(lines, [q.query_id for q in queries], set(map(str, ids)))

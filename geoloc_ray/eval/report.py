@@ -128,9 +128,9 @@ def plots(cfg: Config, results: dict[str, Any]) -> list[str]:
 
 
 def write_report(cfg: Config, results: dict[str, Any]) -> None:
-    out = artifacts.eval_dir(cfg)
-    io.write_json(io.join(out, "metrics.json"), results)
-    io.write_text(io.join(out, "results.md"), markdown(results))
+    """metrics.json first (the contract), then the table and plots; the plot list is added to metrics.json."""
+    io.write_json(artifacts.metrics(cfg), results)
+    io.write_text(io.join(artifacts.eval_dir(cfg), "results.md"), markdown(results))
     if cfg.eval.plots:
         results["plots"] = plots(cfg, results)
-        io.write_json(io.join(out, "metrics.json"), results)
+        io.write_json(artifacts.metrics(cfg), results)

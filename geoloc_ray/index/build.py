@@ -10,7 +10,7 @@ import numpy as np
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
 from geoloc_ray.index.faiss_index import build_index, choose_spec, serialize, shard_rows
-from geoloc_ray.index.store import LATEST, META_COLUMNS, sha256
+from geoloc_ray.index.store import META_COLUMNS, sha256
 
 
 def gallery_dataset(cfg: Config):
@@ -28,7 +28,7 @@ def write_build(cfg: Config, frame, model_manifest: dict[str, Any], model_uri: s
     # Each shard is its own faiss index: size the index (exact or not, IVF lists) for a shard, not the gallery.
     spec = choose_spec(max(len(r) for r in parts), vectors.shape[1], cfg.index)
     build_id = f"build-{time.strftime('%Y%m%d-%H%M%S')}-{model_manifest['model_version'][:8]}"
-    build_uri = io.join(artifacts.index_dir(cfg), build_id)
+    build_uri = artifacts.index_build(cfg, build_id)
     shards = []
     for number, rows in enumerate(parts):
         data = serialize(build_index(vectors[rows], spec, seed=cfg.seed))
@@ -45,21 +45,19 @@ def write_build(cfg: Config, frame, model_manifest: dict[str, Any], model_uri: s
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     io.write_json(io.join(build_uri, "manifest.json"), manifest)
-    io.write_json(io.join(artifacts.index_dir(cfg), LATEST), {"build": build_id})
+    io.write_json(artifacts.index_latest(cfg), {"build": build_id})
     return manifest
 
 
 def run_index(cfg: Config) -> dict[str, Any]:
-    """Index the gallery with the assembled PE-MoE model (`models/moe`)."""
+    """Index the gallery with the assembled PE-MoE model (`artifacts.MOE`)."""
     from geoloc_ray.embedding import embed_images
     from geoloc_ray.runtime import init_ray
 
     artifacts.apply_storage_options(cfg)
     init_ray(cfg)
-    model_uri = artifacts.model_dir(cfg, "moe")
-    if not io.exists(io.join(model_uri, "manifest.json")):
-        raise FileNotFoundError(f"no trained model at {model_uri}: run `geoloc-ray train` first")
-    model_manifest = io.read_json(io.join(model_uri, "manifest.json"))
+    model_uri = artifacts.model_dir(cfg, artifacts.MOE)
+    model_manifest = io.read_json(artifacts.require(artifacts.model_manifest(cfg, artifacts.MOE), "train"))
     frame = embed_images(gallery_dataset(cfg), {"embedding": (model_uri, list(cfg.model.platforms))}, cfg.index)
     if frame.empty:
         raise ValueError("the gallery is empty (no decodable images in the indexed split)")

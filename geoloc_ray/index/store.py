@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from geoloc_ray import io
+from geoloc_ray import artifacts, io
 from geoloc_ray.index.faiss_index import IndexSpec, deserialize, merge_topk, search
 
-LATEST = "LATEST.json"
 META_COLUMNS = ["image_id", "location_id", "platform", "lat", "lon", "image_uri"]
 
 
@@ -25,9 +24,7 @@ def sha256(data: bytes) -> str:
 
 def latest_build(index_root: str) -> str:
     """URI of the current build (`index/LATEST.json` is switched last, so readers never see half a build)."""
-    pointer = io.join(index_root, LATEST)
-    if not io.exists(pointer):
-        raise FileNotFoundError(f"no index at {index_root}: run `geoloc-ray index` first")
+    pointer = artifacts.require(io.join(index_root, artifacts.INDEX_LATEST), "index")
     return io.join(index_root, io.read_json(pointer)["build"])
 
 

@@ -1,10 +1,16 @@
-"""Image loading that never stops a run: a missing or corrupt image becomes a reason, not an exception."""
+"""Image loading that never stops a run: a missing or corrupt image becomes a reason or a skipped row, not an
+exception. `prepare` checks every image once; training and embedding decode pixels with the same rules."""
 
 from __future__ import annotations
 
 import io as _pyio
+import logging
+
+import numpy as np
 
 from geoloc_ray import io
+
+log = logging.getLogger(__name__)
 
 
 def load_image(uri: str, size: int | None = None):
@@ -40,3 +46,17 @@ def image_problem(uri: str) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         return f"corrupt: {exc}"
     return None
+
+
+def decode_pixels(uris, size: int) -> tuple[np.ndarray, list[bool]]:
+    """(N, size, size, 3) uint8 and which rows decoded; a file broken since `prepare` is skipped, not fatal."""
+    out = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
+    ok = []
+    for i, uri in enumerate(uris):
+        try:
+            out[i] = np.asarray(load_image(str(uri), size))
+            ok.append(True)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is reported and skipped
+            log.warning("skipping undecodable image %s: %s", uri, exc)
+            ok.append(False)
+    return out, ok

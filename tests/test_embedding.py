@@ -1,0 +1,111 @@
+"""The embedding module: the one query-vector helper, image embedding with pixel views, and its place in the
+layers (it imports nothing from train/ or eval/)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.helpers import assert_close_scaled, write_jpeg  # noqa: E402
+
+PLATFORMS = ["satellite", "drone", "ground"]
+TEXTS = ["a tall white office tower", "red brick house", "a stadium next to a river", "a park", "a bridge"]
+
+
+@pytest.fixture(scope="module")
+def moe():
+    from geoloc_ray.config import ModelConfig
+    from geoloc_ray.model import build_model
+
+    torch.set_num_threads(2)
+    return build_model(ModelConfig(), heads=PLATFORMS, gate=True, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def saved_moe(moe, tmp_path_factory) -> str:
+    from geoloc_ray.config import Config
+    from geoloc_ray.model import save_model
+
+    uri = str(tmp_path_factory.mktemp("run") / "models" / "moe")
+    save_model(moe, uri, Config())
+    return uri
+
+
+def test_embedding_imports_nothing_above_it():
+    code = ("import sys, geoloc_ray.embedding; "
+            "bad = [m for m in sys.modules if m.startswith(('geoloc_ray.train', 'geoloc_ray.eval'))]; "
+            "assert not bad, bad; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_query_vectors_match_the_model_in_every_mode(moe):
+    from geoloc_ray.embedding import query_vectors
+
+    with torch.no_grad():
+        trunk = moe.text_trunk_output(TEXTS)
+        single = moe.text_head("drone", trunk)
+        fused = moe.fused_query(trunk, weights="gate")
+        static = moe.fused_query(trunk, weights="static", heads=PLATFORMS[:2])
+        gate = moe.gate(trunk)
+    out = query_vectors(moe, TEXTS, ["drone"], weights=None, batch_size=2)  # batches of 2, 2 and 1
+    assert out.vectors.dtype == np.float32 and out.gate is None
+    assert_close_scaled(torch.from_numpy(out.vectors), single)
+    gated = query_vectors(moe, TEXTS, with_gate=True, batch_size=3)
+    assert gated.vectors.shape == (len(TEXTS), 3 * moe.model_cfg.embed_dim)
+    assert_close_scaled(torch.from_numpy(gated.vectors), fused)
+    assert_close_scaled(torch.from_numpy(gated.gate), gate)
+    assert_close_scaled(torch.from_numpy(query_vectors(moe, TEXTS, PLATFORMS[:2], "static").vectors), static)
+
+
+def test_query_vectors_of_no_texts_and_a_bad_request(moe):
+    from geoloc_ray.embedding import query_vectors
+
+    assert query_vectors(moe, [], ["ground"], weights=None).vectors.shape == (0, moe.model_cfg.embed_dim)
+    assert query_vectors(moe, []).vectors.shape == (0, 3 * moe.model_cfg.embed_dim)
+    with pytest.raises(ValueError, match="one head"):
+        query_vectors(moe, TEXTS, PLATFORMS, weights=None)
+
+
+def test_image_embedder_adds_a_column_per_view_and_drops_undecodable_rows(moe, saved_moe, tmp_path: Path):
+    from geoloc_ray.embedding import ImageEmbedder, image_vectors, input_size, view_column
+
+    size = input_size(moe)
+    uris = []
+    for i, color in enumerate([(200, 40, 40), (20, 160, 90), (10, 10, 220)]):
+        write_jpeg(tmp_path / f"{i}.jpg", color, size)
+        uris.append(str(tmp_path / f"{i}.jpg"))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    uris.insert(1, str(tmp_path / "broken.jpg"))
+
+    def invert(px: np.ndarray) -> np.ndarray:
+        assert len(px), "views only see decoded pixels"
+        return 255 - px
+
+    embedder = ImageEmbedder({"emb": (saved_moe, PLATFORMS)}, views={"inverted": invert})
+    out = embedder({"image_id": np.array(["a", "broken", "b", "c"]), "image_uri": np.array(uris)})
+    assert list(out["image_id"]) == ["a", "b", "c"]
+    from geoloc_ray.preprocess.images import decode_pixels
+
+    pixels, ok = decode_pixels([uris[i] for i in (0, 2, 3)], size)
+    assert ok == [True, True, True]
+    np.testing.assert_allclose(out["emb"], image_vectors(moe, pixels, PLATFORMS), atol=1e-5)
+    np.testing.assert_allclose(out[view_column("emb", "inverted")], image_vectors(moe, invert(pixels), PLATFORMS),
+                               atol=1e-5)
+    empty = embedder({"image_id": np.array(["broken"]), "image_uri": np.array([uris[1]])})
+    assert empty["emb"].shape == empty[view_column("emb", "inverted")].shape == (0, 3 * moe.model_cfg.embed_dim)
+
+
+def test_decode_pixels_reports_broken_and_missing_files(tmp_path: Path):
+    from geoloc_ray.preprocess.images import decode_pixels
+
+    write_jpeg(tmp_path / "ok.jpg", size=16)
+    (tmp_path / "bad.jpg").write_bytes(b"")
+    pixels, ok = decode_pixels([tmp_path / "ok.jpg", tmp_path / "bad.jpg", tmp_path / "missing.jpg"], 8)
+    assert ok == [True, False, False]
+    assert pixels.shape == (3, 8, 8, 3) and pixels.dtype == np.uint8 and not pixels[1:].any()
