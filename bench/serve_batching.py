@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,13 +24,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-wait-timeout-s", type=float, default=None,
                    help="the batched setting's batch_wait_timeout_s (default: the app's own)")
     a = p.parse_args(argv)
-    from bench.serve_load import app_args
-    from geoloc_ray.serve.loadgen import run_load, start_app, stop_app
+    from bench.loadgen import app_args, run_load, run_to_serve, start_app, stop_app
 
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        extra = {} if a.batch_wait_timeout_s is None else {"batch_wait_timeout_s": a.batch_wait_timeout_s}
-        base = app_args(a.artifacts, tmp, **extra)
+    with run_to_serve(a.artifacts) as run:
+        base = app_args(run, a.batch_wait_timeout_s)
         try:
             for name, size in (("batched", a.batch), ("unbatched", 1)):
                 url = start_app({**base, "max_batch_size": size}, a.port)

@@ -11,18 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.serve_fixtures for the tiny run
-
-
-def app_args(artifacts: str | None, tmp: str, **extra) -> dict:
-    if artifacts is None:
-        from tests.serve_fixtures import make_tiny_run
-
-        artifacts = str(make_tiny_run(Path(tmp), shards=2).artifacts)
-    return {"artifacts": artifacts, **extra}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -34,15 +25,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--port", type=int, default=8123)
     a = p.parse_args(argv)
-    from geoloc_ray.serve.loadgen import run_load, start_app, stop_app
+    from bench.loadgen import app_args, run_load, run_to_serve, start_app, stop_app
 
-    with tempfile.TemporaryDirectory() as tmp:
-        url = a.url or start_app(app_args(a.artifacts, tmp), a.port)
-        try:
-            run_load(url, clients=2, duration_s=min(5.0, a.duration))  # warm-up: lazy imports, first batches
-            result = run_load(url, clients=a.clients, duration_s=a.duration, k=a.k)
-        finally:
-            if not a.url:
+    def load(url: str) -> dict:
+        run_load(url, clients=2, duration_s=min(5.0, a.duration))  # warm-up: lazy imports, first batches
+        return run_load(url, clients=a.clients, duration_s=a.duration, k=a.k)
+
+    if a.url:
+        url, result = a.url, load(a.url)
+    else:
+        with run_to_serve(a.artifacts) as run:
+            url = start_app(app_args(run), a.port)
+            try:
+                result = load(url)
+            finally:
                 stop_app()
     result["url"] = url
     print(json.dumps(result, indent=2))

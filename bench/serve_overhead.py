@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def in_process_ms(artifacts: str, queries: list[str], k: int) -> list[float]:
     import torch
 
+    from geoloc_ray import artifacts as layout
     from geoloc_ray.index.store import GalleryIndex
     from geoloc_ray.model import load_model
     from geoloc_ray.preprocess.text import clean_query
 
     torch.set_num_threads(1)  # as each replica runs
-    model = load_model(str(Path(artifacts) / "models" / "moe")).eval()
-    index = GalleryIndex.latest(str(Path(artifacts) / "index"))
+    model = load_model(layout.model_dir(artifacts, layout.MOE)).eval()
+    index = GalleryIndex.latest(layout.index_dir(artifacts))
     out = []
     for query in queries:
         start = time.perf_counter()
@@ -58,15 +58,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-wait-timeout-s", type=float, default=None,
                    help="the app's batch_wait_timeout_s (default: the app's own, 0.01); 0 shows the graph's hops alone")
     a = p.parse_args(argv)
-    from bench.serve_load import app_args
-    from geoloc_ray.serve.loadgen import QUERIES, percentile, start_app, stop_app
+    from bench.loadgen import QUERIES, app_args, percentile, run_to_serve, start_app, stop_app
 
     queries = [QUERIES[i % len(QUERIES)] for i in range(a.requests)]
     warmup = [QUERIES[i % len(QUERIES)] for i in range(20)]
-    with tempfile.TemporaryDirectory() as tmp:
-        extra = {} if a.batch_wait_timeout_s is None else {"batch_wait_timeout_s": a.batch_wait_timeout_s}
-        args = app_args(a.artifacts, tmp, **extra)
-        local = in_process_ms(args["artifacts"], warmup + queries, a.k)[len(warmup):]
+    with run_to_serve(a.artifacts) as run:
+        args = app_args(run, a.batch_wait_timeout_s)
+        local = in_process_ms(run, warmup + queries, a.k)[len(warmup):]
         url = start_app(args, a.port)
         try:
             http_ms(url, warmup, a.k)

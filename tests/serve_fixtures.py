@@ -70,6 +70,7 @@ def _next_second() -> None:
 
 
 def make_tiny_run(root: Path, n_images: int = 30, shards: int = 2) -> TinyRun:
+    from geoloc_ray import artifacts
     from geoloc_ray.config import Config, IndexConfig
     from geoloc_ray.embedding import image_vectors, input_size
     from geoloc_ray.index.build import write_build
@@ -77,7 +78,7 @@ def make_tiny_run(root: Path, n_images: int = 30, shards: int = 2) -> TinyRun:
 
     cfg = Config(artifacts=str(root / "artifacts"), index=IndexConfig(shards=shards))
     model = build_model(cfg.model, heads=PLATFORMS, gate=True, seed=0).eval()
-    model_uri = str(root / "artifacts" / "models" / "moe")
+    model_uri = artifacts.model_dir(cfg, artifacts.MOE)
     manifest = save_model(model, model_uri, cfg)
     frame, pixels = _gallery(root / "gallery", n_images, input_size(model))
     frame["embedding"] = list(image_vectors(model, pixels, PLATFORMS))

@@ -76,12 +76,14 @@ def test_app_args(tmp_path, monkeypatch):
     assert (a.num_cpus, a.max_query_chars, a.index_build, a.replicas.expert) == (0.25, 1000, "latest", 1)
     monkeypatch.chdir(tmp_path)
     assert a.model_uri() == str(tmp_path / "runs/demo/models/moe")  # made absolute where build_app runs
-    assert AppArgs(artifacts="s3://bucket/run").index_root() == "s3://bucket/run/index"
+    assert AppArgs(artifacts="s3://bucket/run", model="moe-untuned").model_uri() == "s3://bucket/run/models/moe-untuned"
     with pytest.raises(ValueError, match="top_k"):
         AppArgs.model_validate({"artifacts": "x", "top_k": 3})
+    with pytest.raises(ValueError, match="port"):  # geoloc-ray serve's listener, not an app arg
+        AppArgs.model_validate({"artifacts": "x", "port": 80})
     with pytest.raises(ValueError):
         AppArgs(artifacts="x", num_cpus=0)
-    cfg = Config.model_validate({"artifacts": "runs/x", "serve": {"api_key": "k", "expert_replicas": 2}})
+    cfg = Config.model_validate({"artifacts": "runs/x", "serve": {"api_key": "k", "replicas": {"expert": 2}}})
     b = AppArgs.from_config(cfg)
     # the config resolved the relative path where it was loaded
     assert (b.artifacts, b.api_key, b.replicas.expert) == (str(tmp_path / "runs/x"), "k", 2)
@@ -89,19 +91,39 @@ def test_app_args(tmp_path, monkeypatch):
     assert AppArgs(artifacts="x", num_gpus=0.5).actor_options(gpu=False) == {"num_cpus": 0.25}
 
 
-def test_serve_config_yaml_is_a_valid_serve_config():
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
+# Every knob of the app at a value other than its default.
+KNOBS = {"model": "moe-untuned", "index_build": "20250101-000000", "api_key": "k", "max_query_chars": 500,
+         "max_batch_size": 8, "batch_wait_timeout_s": 0.002, "num_cpus": 0.5, "num_gpus": 0.25,
+         "replicas": {"ingress": 2, "encoder": 3, "expert": 4, "shard": 5}, "max_ongoing_requests": 32,
+         "torch_threads": 2, "expert_timeout_s": 3.0, "shard_timeout_s": 4.0, "thumbnail_px": 96}
 
+
+def test_every_app_arg_is_reachable_from_the_configs():
+    import yaml
+
+    from geoloc_ray.config import Config, load_config
+    from geoloc_ray.config.sections import ServeAppConfig
+
+    assert set(KNOBS) == set(ServeAppConfig.model_fields)
+    assert set(AppArgs.model_fields) == set(KNOBS) | {"artifacts", "storage_options"}
+    args = AppArgs.from_config(Config.model_validate({"artifacts": "s3://b/run", "serve": KNOBS}))
+    assert args.model_dump(include=set(KNOBS)) == KNOBS  # from_config carries every knob
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
-    config = ServeDeploySchema.model_validate(raw)
-    app = config.applications[0]
-    assert app.import_path == "geoloc_ray.serve.app:build_app"
-    args = AppArgs.model_validate(app.args)
-    assert args.num_cpus * 7 <= 2  # ingress + encoder + 3 experts + 1 shard (+1 autoscaled encoder) on 2 CPUs
-    names = {d.name for d in app.deployments}
-    assert names <= {"SearchIngress", "QueryEncoder", "ExpertHead_satellite", "ExpertHead_drone",
-                     "ExpertHead_ground", "IndexShard_0"}
+    assert set(raw["applications"][0]["args"]) == set(AppArgs.model_fields)  # serve_config.yaml lists them all
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.serve.model_fields_set >= set(KNOBS)  # and so does the default profile
+    assert AppArgs.from_config(demo) == AppArgs.model_validate({**raw["applications"][0]["args"],
+                                                                "artifacts": demo.artifacts})
+
+
+def test_build_app_is_a_typed_application_builder():
+    """Serve validates serve_config.yaml `args` into the builder's pydantic annotation (a string would not)."""
+    import inspect
+
+    from geoloc_ray.serve.app import build_app
+
+    (param,) = inspect.signature(build_app).parameters.values()
+    assert param.annotation is AppArgs
 
 
 def _fake_run(root: Path, index_version: str) -> None:
@@ -116,19 +138,26 @@ def _fake_run(root: Path, index_version: str) -> None:
 
 def test_build_app_binds_the_graph_and_refuses_a_mismatched_index(tmp_path):
     from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 
+    from geoloc_ray.artifacts import MissingArtifactError
     from geoloc_ray.index.store import IndexMismatchError
     from geoloc_ray.serve.app import build_app
 
+    def build(args: dict) -> Application:  # what `serve run` / `serve deploy` do with serve_config.yaml `args`
+        return call_user_app_builder_with_args_if_necessary(build_app, args)
+
     _fake_run(tmp_path / "good", "v1")
-    assert isinstance(build_app({"artifacts": str(tmp_path / "good")}), Application)
+    assert isinstance(build({"artifacts": str(tmp_path / "good")}), Application)
     _fake_run(tmp_path / "bad", "v2")
     with pytest.raises(IndexMismatchError, match="rebuild the index"):
-        build_app({"artifacts": str(tmp_path / "bad")})
-    with pytest.raises(FileNotFoundError, match="no trained model"):
-        build_app({"artifacts": str(tmp_path / "none")})
+        build({"artifacts": str(tmp_path / "bad")})
+    with pytest.raises(MissingArtifactError, match="geoloc-ray train"):
+        build({"artifacts": str(tmp_path / "none")})
     with pytest.raises(ValueError, match="build folder name"):
-        build_app({"artifacts": str(tmp_path / "good"), "index_build": "../good/index/build-1"})
+        build({"artifacts": str(tmp_path / "good"), "index_build": "../good/index/build-1"})
+    with pytest.raises(ValueError, match="max_batch_size"):
+        build({"artifacts": str(tmp_path / "good"), "max_batch_size": 0})
 
 
 def test_body_limit_answers_json_413():

@@ -174,6 +174,9 @@ class TrainConfig(_Model):
     # A worker keeps its data shard in memory after the first epoch when it is at most this big (0: stream
     # every epoch). Each worker then sees a fixed partition, as with a DistributedSampler.
     cache_shard_mb: int = Field(1024, ge=0)
+    # Statements whose frozen trunk output (or pooled feature) a worker keeps, least recently used out first
+    # (0: keep none). A trunk output is ~T x H floats (demo: ~30 KB; BGE-M3: ~250 KB): lower it for big trunks.
+    trunk_cache_items: int = Field(100_000, ge=0)
 
 
 class IndexConfig(_Model):

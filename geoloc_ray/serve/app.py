@@ -5,8 +5,8 @@
                             -> IndexShard_<i> x shards, in parallel (each one faiss shard of the build)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve reads build_app's annotation as a class to validate
+# serve_config.yaml `args` into AppArgs (a string annotation would hand build_app the raw dict).
 import logging
 import signal
 import time
@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from geoloc_ray import io
+from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
 from geoloc_ray.serve.encoder import QueryEncoder
 from geoloc_ray.serve.experts import ExpertHead
@@ -30,44 +30,38 @@ def _manifests(a: AppArgs) -> tuple[dict, dict]:
     """The model's and the index build's manifests (plain JSON reads: no torch in the build task)."""
     from geoloc_ray.index.store import check_model_version, read_manifest
 
-    model_manifest_uri = io.join(a.model_uri(), "manifest.json")
-    if not io.exists(model_manifest_uri):
-        raise FileNotFoundError(f"no trained model at {a.model_uri()}: run `geoloc-ray train` first")
-    model_manifest = io.read_json(model_manifest_uri)
-    index_manifest = read_manifest(resolve_build(a.index_root(), a.index_build))
+    model_manifest = io.read_json(artifacts.require(artifacts.model_manifest(a.run_uri(), a.model_name()), "train"))
+    index_manifest = read_manifest(resolve_build(a.run_uri(), a.index_build))
     check_model_version(index_manifest, model_manifest["model_version"])  # refuse before any replica starts
     return model_manifest, index_manifest
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """Validate `args` (see `AppArgs`), read the manifests, and bind the deployments into one application."""
-    a = AppArgs.model_validate(args or {})
-    io.use_storage_options(a.storage_options)
-    model_manifest, index_manifest = _manifests(a)
-    model_uri, storage, build = a.model_uri(), a.storage_options, index_manifest["build"]
-    batching = (a.max_batch_size, a.batch_wait_timeout_s)
-    common = {"max_ongoing_requests": a.max_ongoing_requests}
-    model_opts = {"ray_actor_options": a.actor_options(gpu=True), **common}
-    cpu_opts = {"ray_actor_options": a.actor_options(gpu=False), **common}
+def build_app(args: AppArgs) -> Application:
+    """Read the manifests of the run in `args` and bind the deployments into one application."""
+    io.use_storage_options(args.storage_options)
+    model_manifest, index_manifest = _manifests(args)
+    run, model_uri, storage, build = args.run_uri(), args.model_uri(), args.storage_options, index_manifest["build"]
+    torch_opts = (args.device(), args.torch_threads, args.max_batch_size, args.batch_wait_timeout_s)
+    common = {"max_ongoing_requests": args.max_ongoing_requests}
+    model_opts = {"ray_actor_options": args.actor_options(gpu=True), **common}
+    cpu_opts = {"ray_actor_options": args.actor_options(gpu=False), **common}
+    n = args.replicas
 
-    encoder = QueryEncoder.options(name="QueryEncoder", num_replicas=a.replicas.encoder, **model_opts).bind(
-        model_uri, storage, a.device(), a.torch_threads, *batching)
+    encoder = QueryEncoder.options(name="QueryEncoder", num_replicas=n.encoder, **model_opts).bind(
+        model_uri, storage, *torch_opts)
     experts = {
-        p: ExpertHead.options(name=expert_deployment(p), num_replicas=a.replicas.expert, user_config={"fail": False},
-                              **model_opts).bind(p, model_uri, storage, a.device(), a.torch_threads, *batching)
+        p: ExpertHead.options(name=expert_deployment(p), num_replicas=n.expert, user_config={"fail": False},
+                              **model_opts).bind(p, model_uri, storage, *torch_opts)
         for p in model_manifest["platforms"]
     }
-    n = len(index_manifest["shards"])
+    num_shards = len(index_manifest["shards"])
     shards = [
-        IndexShard.options(name=shard_deployment(i), num_replicas=a.replicas.shard,
-                           user_config={"index_build": build}, **cpu_opts).bind(
-            i, n, a.index_root(), model_uri, storage, build, a.thumbnail_px)
-        for i in range(n)
+        IndexShard.options(name=shard_deployment(i), num_replicas=n.shard, user_config={"index_build": build},
+                           **cpu_opts).bind(i, num_shards, run, model_uri, storage, build, args.thumbnail_px)
+        for i in range(num_shards)
     ]
-    options = {"max_query_chars": a.max_query_chars, "api_key": a.api_key,
-               "expert_timeout_s": a.expert_timeout_s, "shard_timeout_s": a.shard_timeout_s}
-    return SearchIngress.options(name="SearchIngress", num_replicas=a.replicas.ingress, **cpu_opts).bind(
-        encoder, experts, shards, options)
+    return SearchIngress.options(name="SearchIngress", num_replicas=n.ingress, **cpu_opts).bind(
+        encoder, experts, shards, args)
 
 
 def _stop_on_sigterm() -> None:
@@ -90,7 +84,7 @@ def serve_locally(cfg: Config, block: bool = True) -> dict[str, Any]:
     init_ray(cfg)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
-    serve.run(build_app(AppArgs.from_config(cfg).model_dump()), name=APP_NAME, route_prefix=s.route_prefix)
+    serve.run(build_app(AppArgs.from_config(cfg)), name=APP_NAME, route_prefix=s.route_prefix)
     info = {"url": f"http://{s.host}:{s.port}{s.route_prefix}", "app": APP_NAME, "artifacts": cfg.artifacts}
     if not block:
         return info

@@ -10,7 +10,7 @@ from typing import Any
 
 from ray import serve
 
-from geoloc_ray import io
+from geoloc_ray import artifacts, io
 from geoloc_ray.serve.fanout import EncodedQuery
 
 
@@ -35,7 +35,8 @@ class QueryEncoder:
         torch.set_num_threads(torch_threads)
         model = load_model(model_uri, device=device, heads=[]).eval()
         if model.gate is None:
-            raise ValueError(f"{model_uri}: this model has no gate; serve the assembled PE-MoE model (models/moe)")
+            raise ValueError(f"{model_uri}: this model has no gate; serve the assembled PE-MoE model "
+                             f"(model: {artifacts.MOE}, the default)")
         # Queries never touch the image trunk: free its memory (EVA-L is ~1 GB in production).
         model.image_trunk = torch.nn.Identity()
         self.model = model

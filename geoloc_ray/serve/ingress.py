@@ -24,17 +24,27 @@ from geoloc_ray.serve.breaker import Breaker, is_unavailable
 from geoloc_ray.serve.errors import ApiError, BodyLimit, install_error_handlers
 from geoloc_ray.serve.fanout import finite_or_none, fused_vector, merge_hits
 from geoloc_ray.serve.metrics import NoMetrics
-from geoloc_ray.serve.settings import API_KEY_ENV, expert_deployment, shard_deployment
+from geoloc_ray.serve.settings import API_KEY_ENV, AppArgs, expert_deployment, shard_deployment
 
 api = FastAPI(title="geoloc_ray", version="1",
               description="Text-to-image cross-modal geo-localization (PE-MoE): describe a place, get the "
                           "matching satellite / drone / ground images.")
-_METRICS: dict[str, Any] = {"m": NoMetrics()}
+
+
+def _replica_metrics() -> Any:
+    """The metrics of the ingress replica answering (error handlers run outside its methods); none outside one."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:  # e.g. the FastAPI app under a plain test client
+        return NoMetrics()
+    return context.servable_object.metrics
 
 
 def _count_invalid(request: Request) -> None:
     if request.url.path.endswith("/search"):
-        _METRICS["m"].answered("invalid")
+        _replica_metrics().answered("invalid")
 
 
 install_error_handlers(api, _count_invalid)
@@ -72,18 +82,17 @@ def _result(rank: int, score: float, row: dict[str, Any], root: str) -> dict[str
 @serve.deployment
 @serve.ingress(api)
 class SearchIngress:
-    def __init__(self, encoder: Any, experts: dict[str, Any], shards: list[Any], options: dict[str, Any]):
+    def __init__(self, encoder: Any, experts: dict[str, Any], shards: list[Any], args: AppArgs):
         import torch  # the fused query is built here with the model library's fuse_query
 
         from geoloc_ray.serve.metrics import SearchMetrics
 
         torch.set_num_threads(1)
         self.encoder, self.experts, self.shards = encoder, experts, shards
-        self.max_query_chars = int(options["max_query_chars"])
-        self.expert_timeout_s = float(options["expert_timeout_s"])
-        self.shard_timeout_s = float(options["shard_timeout_s"])
-        self.api_key = options.get("api_key") or os.environ.get(API_KEY_ENV) or None
-        self.metrics = _METRICS["m"] = SearchMetrics()
+        self.max_query_chars = args.max_query_chars
+        self.expert_timeout_s, self.shard_timeout_s = args.expert_timeout_s, args.shard_timeout_s
+        self.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+        self.metrics = SearchMetrics()  # this replica's own; error handlers find it through _replica_metrics
         self.breaker = Breaker()
         self.page = resources.files("geoloc_ray.serve").joinpath("static/index.html").read_text("utf-8")
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from geoloc_ray import io
+from geoloc_ray import artifacts, io
 from geoloc_ray.serve.fanout import ShardHits
 
 log = logging.getLogger("ray.serve")
@@ -35,22 +35,21 @@ class ShardState:
     uri_by_id: dict[str, str]  # image_id -> image_uri, the only way a thumbnail finds a file
 
 
-def resolve_build(index_root: str, build: str) -> str:
-    """A build URI from a build folder name or "latest"; a name is one path segment, never a path."""
-    from geoloc_ray.index.store import latest_build
-
+def resolve_build(run: str, build: str) -> str:
+    """A build URI of run `run` from a build folder name or "latest"; a name is one path segment, never a path."""
     if build == "latest":
-        return latest_build(index_root)
-    if not build or "/" in build or "\\" in build or build in (".", ".."):
-        raise ValueError(f"index_build must be a build folder name under {index_root} or 'latest', got {build!r}")
-    return io.join(index_root, build)
+        build = io.read_json(artifacts.require(artifacts.index_latest(run), "index"))["build"]
+    elif not build or "/" in build or "\\" in build or build in (".", ".."):
+        raise ValueError(f"index_build must be a build folder name under {artifacts.index_dir(run)} or 'latest', "
+                         f"got {build!r}")
+    return artifacts.index_build(run, build)
 
 
-def load_state(index_root: str, build: str, number: int, num_shards: int, model_version: str) -> ShardState:
+def load_state(run: str, build: str, number: int, num_shards: int, model_version: str) -> ShardState:
     """Read and check one shard of a build: model version, shard count, checksum (store.load_shard)."""
     from geoloc_ray.index.store import check_model_version, load_metadata, load_shard, read_manifest
 
-    build_uri = resolve_build(index_root, build)
+    build_uri = resolve_build(run, build)
     manifest = read_manifest(build_uri)
     check_model_version(manifest, model_version)
     if len(manifest["shards"]) != num_shards:
@@ -80,12 +79,12 @@ def thumbnail_jpeg(uri: str, px: int) -> bytes:
 
 @serve.deployment
 class IndexShard:
-    def __init__(self, number: int, num_shards: int, index_root: str, model_uri: str, storage: dict,
+    def __init__(self, number: int, num_shards: int, run: str, model_uri: str, storage: dict,
                  index_build: str = "latest", thumbnail_px: int = 160):
         from geoloc_ray.model import read_manifest
 
         io.use_storage_options(storage)
-        self.number, self.num_shards, self.index_root = number, num_shards, index_root
+        self.number, self.num_shards, self.run = number, num_shards, run
         self.model_version = read_manifest(model_uri)["model_version"]
         self.thumbnail_px = thumbnail_px
         self.refused: dict[str, str] | None = None
@@ -93,12 +92,12 @@ class IndexShard:
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
 
     def _load(self, build: str) -> ShardState:
-        return load_state(self.index_root, build, self.number, self.num_shards, self.model_version)
+        return load_state(self.run, build, self.number, self.num_shards, self.model_version)
 
     async def reconfigure(self, user_config: dict | None) -> None:
         build = str((user_config or {}).get("index_build", "latest"))
         try:
-            if resolve_build(self.index_root, build).rstrip("/").rsplit("/", 1)[-1] == self.state.build:
+            if resolve_build(self.run, build).rstrip("/").rsplit("/", 1)[-1] == self.state.build:
                 self.refused = None  # already serving it (e.g. the call right after __init__)
                 return
             state = await asyncio.to_thread(self._load, build)

@@ -6,9 +6,16 @@ Loopback only and bounded in time: each client thread sends one request after an
 from __future__ import annotations
 
 import itertools
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.serve_fixtures for the tiny run
 
 QUERIES = [
     "a tall building with a red roof next to a parking lot",
@@ -73,22 +80,41 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 2)
 
 
+@contextmanager
+def run_to_serve(artifacts: str | None) -> Iterator[str]:
+    """`artifacts`, or a tiny random-headed run (tests.serve_fixtures) in a temp dir while the block runs."""
+    if artifacts is not None:
+        yield artifacts
+        return
+    from tests.serve_fixtures import make_tiny_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        yield str(make_tiny_run(Path(tmp), shards=2).artifacts)
+
+
+def app_args(artifacts: str, batch_wait_timeout_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    """serve_config.yaml-style `args` for `artifacts`; a None batching wait keeps the app's own default."""
+    if batch_wait_timeout_s is not None:
+        extra["batch_wait_timeout_s"] = batch_wait_timeout_s
+    return {"artifacts": artifacts, **extra}
+
+
 def start_app(args: dict[str, Any], port: int, num_cpus: int = 2) -> str:
-    """A local Ray (if none) + Serve on 127.0.0.1:`port` running `build_app(args)`; returns the base URL."""
+    """A local Ray (if none) + Serve on 127.0.0.1:`port` running the app of `args`; returns the base URL."""
     import os
 
     import ray
     from ray import serve
 
     from geoloc_ray.serve.app import build_app
-    from geoloc_ray.serve.settings import APP_NAME
+    from geoloc_ray.serve.settings import APP_NAME, AppArgs
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if not ray.is_initialized():
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=512 * 2**20, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(AppArgs.model_validate(args)), name=APP_NAME, route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 
