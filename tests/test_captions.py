@@ -271,7 +271,8 @@ def ray_local():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
+    if not ray.is_initialized():  # an earlier test module's stage may have started one already
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=512 * 2**20)
     yield ray
     ray.shutdown()
 

@@ -75,14 +75,14 @@ def run_refine(cfg) -> dict[str, Any]:
     """Refine prepared/train for each image's platform; returns the summary, also written as summary.json."""
     import ray.data
 
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import connect
 
     start = time.time()
     paths = {"input": artifacts.require(artifacts.prepared(cfg, "train"), "prepare"),
              "output": artifacts.refined_train(cfg), "cache": artifacts.refine_cache(cfg),
              "summary": artifacts.refine_summary(cfg)}
     settings = settings_from_config(cfg)
-    init_ray(cfg)
+    connect(cfg)
     ds = ray.data.read_parquet(paths["input"], filesystem=io.arrow_filesystem(paths["input"]))
     columns = [c for c in ds.columns() if c != "texts_original"]
     missing = {"image_id", "platform", "texts"} - set(columns)

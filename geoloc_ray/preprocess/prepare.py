@@ -61,10 +61,9 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
     import ray.data
     from ray.data.expressions import col
 
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import connect
 
-    artifacts.apply_storage_options(cfg)
-    init_ray(cfg)
+    connect(cfg)
     rows, malformed = _read_all(cfg)
     if not rows:
         raise ValueError(f"no readable records under {cfg.data.root}")
