@@ -7,13 +7,20 @@ are the commands around it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
+import tempfile
+import time
 from typing import Any
 
+from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config, ConfigError, load_config
 from geoloc_ray.stages import BY_NAME
+
+QUIET_COMMANDS = ("pipeline", "demo")  # long runs: one progress line on screen, the rest in logs/
 
 HELP = {
     "synth": "generate a procedural multi-platform world in the GeoText-1652 layout",
@@ -101,14 +108,20 @@ def _demo(cfg: Config, args: argparse.Namespace) -> Any:
 COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo}
 
 
-def run(args: argparse.Namespace) -> Any:
+def run(cfg: Config, args: argparse.Namespace) -> Any:
     from geoloc_ray.runtime import use_storage
 
-    cfg = load_config(args.config, args.overrides)
     use_storage(cfg)  # synth and submit touch storage without starting Ray
     if args.command in BY_NAME:
         return BY_NAME[args.command].run(cfg)
     return COMMANDS[args.command](cfg, args)
+
+
+def log_path(cfg: Config, command: str) -> str:
+    """Where a quiet run's full output goes: the run's `logs/` when local, else a local temp folder."""
+    root = artifacts.logs_dir(cfg) if io.is_local(cfg.artifacts) else os.path.join(tempfile.gettempdir(),
+                                                                                   "geoloc_ray_logs")
+    return os.path.join(root, f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,14 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each SIMD build it probes
+    log = None
     try:
-        _print(run(args))
+        cfg = load_config(args.config, args.overrides)
+        output: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if args.command in QUIET_COMMANDS and not args.verbose:
+            from geoloc_ray.console import quiet
+
+            log = log_path(cfg, args.command)
+            output = quiet(log)
+        with output:
+            result = run(cfg, args)
     except ConfigError as exc:
         print(f"geoloc-ray: {exc}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as exc:
         print(f"geoloc-ray {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if log:
+            print(f"full log: {log}", file=sys.stderr)
+    _print(result)
     return 0
 
 

@@ -20,20 +20,36 @@ def is_up_to_date(cfg: Config, stage: Stage, expected_hash: str) -> bool:
             and io.exists(stage.output(cfg)))
 
 
+def _last_seconds(cfg: Config, stage: Stage) -> float | None:
+    """How long this stage took the last time it ran on this run folder (any config), for the ETA."""
+    marker = artifacts.pipeline_marker(cfg, stage.name)
+    return io.read_json(marker).get("seconds") if io.exists(marker) else None
+
+
+def _eta(cfg: Config, todo: list[Stage]) -> list[float | None]:
+    """Per stage to run: the expected seconds of it and every later one, when all of them are known."""
+    seconds = [_last_seconds(cfg, s) for s in todo]
+    return [None if None in seconds[i:] else float(sum(seconds[i:])) for i in range(len(todo))]
+
+
 def run_pipeline(cfg: Config, only: list[str] | None = None) -> dict[str, Any]:
     """Run (or skip) each stage in order; returns per-stage status, seconds and results."""
+    from geoloc_ray.console import progress
     from geoloc_ray.runtime import connect
 
     connect(cfg)
     expected = hashes(cfg)
+    chosen = [s for s in STAGES if only is None or s.name in only]
+    todo = [s for s in chosen if not is_up_to_date(cfg, s, expected[s.name])]
+    eta = dict(zip([s.name for s in todo], _eta(cfg, todo), strict=True))
     report: dict[str, Any] = {}
-    for stage in STAGES:
-        if only is not None and stage.name not in only:
-            continue
-        if is_up_to_date(cfg, stage, expected[stage.name]):
+    for stage in chosen:
+        if stage not in todo:
             log.info("pipeline: %s is up to date, skipped", stage.name)
             report[stage.name] = {"status": "skipped"}
             continue
+        if progress() is not None:
+            progress().start_stage(stage.name, todo.index(stage) + 1, len(todo), eta[stage.name])
         log.info("pipeline: running %s", stage.name)
         t0 = time.perf_counter()
         result = stage.run(cfg)
@@ -68,6 +84,7 @@ def run_demo(cfg: Config, locations: int | None = None, seed: int | None = None)
     from geoloc_ray.eval.report import ladder_table, platform_table
 
     t0 = time.perf_counter()
+    log.info("demo: synthesizing the world at %s", cfg.data.root)
     ensure_world(cfg, locations, seed)
     synth_s = time.perf_counter() - t0
     report = run_pipeline(cfg)

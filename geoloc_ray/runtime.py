@@ -42,7 +42,11 @@ def init_ray(cfg: Config | None = None, **overrides) -> None:
         if rc and rc.object_store_memory:
             kwargs["object_store_memory"] = rc.object_store_memory
     kwargs.update(overrides)
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    context = ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    if getattr(context, "dashboard_url", None):
+        from geoloc_ray.console import announce
+
+        announce(f"Ray dashboard: http://{context.dashboard_url}")
     _quiet_data_context()
 
 
@@ -58,6 +62,9 @@ def _quiet_data_context() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    from geoloc_ray.console import QUIET_ENV
+
+    # A quiet CLI run has its own progress line; Ray Data's bars would only fill the log file with redraws.
+    ctx.enable_progress_bars = not os.environ.get(QUIET_ENV)
     # One summary bar per dataset, not one line per operator on every update.
     ctx.execution_options.verbose_progress = False
