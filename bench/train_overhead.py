@@ -1,12 +1,12 @@
 """Ray Train overhead: steady-state steps/s of the project's `train_loop_per_worker` under `TorchTrainer` (1 worker)
-vs a plain in-process PyTorch loop running the same runner code on the same model and data; plus the fixed cost
+vs a plain in-process PyTorch loop running the same step code on the same model and data; plus the fixed cost
 (start-up, teardown) of a fit and the per-epoch checkpoint/report cost.
 
     python bench/train_overhead.py                    # stage-0 job, 1200 pairs, batch 64, 8 epochs
     python bench/train_overhead.py --job expert       # an expert head on the frozen trunk instead
     python bench/train_overhead.py --quick            # 32 pairs, 3 epochs: checks the script, measures nothing
 
-Both sides: `loop._init_model` + `make_optimizer` + `steps.make_runner(...)`, and the train loop's own `run_epoch`
+Both sides: `loop._init_model` + `make_optimizer` + `steps.make_context(...)`, and the train loop's own `run_epoch`
 (the step sequence), at the same torch thread count. Ray Train: `fit.make_trainer` (what the train stage runs) on a
 materialized Ray Dataset, with a controller callback that logs each `ray.train.report` (metrics + wall time).
 Plain: the rows in memory behind a tiny `iter_batches` (shuffled per epoch, same batch size). Steady state =
@@ -53,7 +53,7 @@ def synthetic_pairs(locations: int, per_location: int, size: int, seed: int = 0)
 
 
 class NumpyShard:
-    """The part of Ray Data's DataIterator the runners use (`iter_batches`), over rows held in memory."""
+    """The part of Ray Data's DataIterator the train steps use (`iter_batches`), over rows held in memory."""
 
     def __init__(self, rows: list[dict[str, Any]]):
         self.n = len(rows)
@@ -76,11 +76,11 @@ class NumpyShard:
 
 
 def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
-    """`train_loop_per_worker` without Ray: same init, optimizer, runner and step sequence; per-epoch timings."""
+    """`train_loop_per_worker` without Ray: same init, optimizer, step context and step sequence; per-epoch timings."""
     import torch
 
-    from geoloc_ray.train import steps
     from geoloc_ray.train.loop import _init_model, make_optimizer, run_epoch
+    from geoloc_ray.train.steps import make_context
 
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(job.seed)
@@ -89,12 +89,12 @@ def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
     optimizer, scheduler = make_optimizer(model, job, cfg)
     device = torch.device("cpu")
     params = model.trainable_parameters()
-    runner = steps.make_runner(job.kind, model, job, cfg, rng, device)
+    ctx = make_context(model, job, cfg, rng, device, shard)
     epochs = []
     for epoch in range(job.epochs):
         t0 = time.perf_counter()
         model.train()
-        n_steps, totals = run_epoch(runner, shard, epoch, optimizer, scheduler, params)
+        n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler, params)
         epochs.append({"epoch": epoch, "steps": n_steps, "epoch_s": time.perf_counter() - t0,
                        "loss": totals["loss"] / n_steps})
     return epochs

@@ -92,3 +92,17 @@ def test_style_dropout_strips_the_refiner_phrasing_only_sometimes():
     never = TextSampler(np.random.default_rng(0), 1, lambda t: unstyle(t, patterns), style_dropout=0.0)
     assert {never.texts([["a red roof, seen from the street"]])[0] for _ in range(20)} == {
         "a red roof, seen from the street"}
+
+
+def test_fused_loss_follows_the_gate_towards_the_expert_that_ranks_the_positive_first():
+    from geoloc_ray.train.losses import fused_logits, multi_positive_nce
+
+    # 1 query, 3 gallery images (0 and 1 show its location); expert 0 ranks them first, expert 1 ranks image 2 first
+    per_expert = torch.tensor([[[0.9, 0.8, 0.1], [0.1, 0.2, 0.9]]])
+    positives = torch.tensor([[True, True, False]])
+    right = multi_positive_nce(fused_logits(torch.tensor([[1.0, 0.0]]), per_expert, 0.1), positives)
+    wrong = multi_positive_nce(fused_logits(torch.tensor([[0.0, 1.0]]), per_expert, 0.1), positives)
+    assert right < 0.05 < 2.0 < wrong
+    weights = torch.tensor([[0.5, 0.5]], requires_grad=True)
+    multi_positive_nce(fused_logits(weights, per_expert, 0.1), positives).backward()
+    assert weights.grad[0, 0] < weights.grad[0, 1]  # descending moves weight onto expert 0

@@ -77,3 +77,17 @@ def test_held_out_locations_are_stable_and_about_the_requested_fraction():
     assert 0.09 < len(held) / len(locations) < 0.15
     assert split_locations(locations, 0.0) == set()
     assert split_locations(locations[:100], 0.12) == {x for x in held if x in set(locations[:100])}
+
+
+def test_mining_reruns_only_when_the_stage1_experts_or_the_settings_change():
+    from geoloc_ray.train.mining import is_current, mining_key
+
+    hn = HardNegativeConfig(per_query=2)
+    versions = {"satellite": "aa11", "drone": "bb22", "ground": "cc33"}
+    key = mining_key(versions, hn, {"0001", "0002"})
+    manifest = {**key, "summary": {"satellite": {"rows": 5}}}  # what mining wrote, read back
+    assert is_current(manifest, mining_key(dict(versions), hn, ["0002", "0001"]))  # a resumed run: no re-mining
+    assert not is_current(None, key)  # never mined (or stopped before the manifest, written last)
+    assert not is_current(manifest, mining_key({**versions, "drone": "dd44"}, hn, {"0001", "0002"}))
+    assert not is_current(manifest, mining_key(versions, HardNegativeConfig(per_query=3), {"0001", "0002"}))
+    assert not is_current(manifest, mining_key(versions, hn, {"0001"}))

@@ -1,36 +1,51 @@
-"""The train loop's batch source: a small shard is streamed once, then served from memory."""
+"""The train worker's pieces: shard epochs, the trunk-output cache, the KINDS table, one step per kind."""
 
 import numpy as np
+import pytest
+import torch
 
 from geoloc_ray.config import config_from_dict
-from geoloc_ray.model import build_model
-from geoloc_ray.train.loop import JobSpec
-from geoloc_ray.train.steps import make_runner
+from geoloc_ray.model import build_model, save_model
+from geoloc_ray.train.cache import TrunkCache
+from geoloc_ray.train.kinds import KINDS, kind_of
+from geoloc_ray.train.loop import JobSpec, _init_model, make_optimizer, run_epoch
+from geoloc_ray.train.run import scheduled
+from geoloc_ray.train.shards import ShardEpochs
+from geoloc_ray.train.steps import make_context
 
 
 class _Shard:
     """Stands in for a Ray Data shard: counts how often it is streamed."""
 
-    def __init__(self, n: int):
-        self.rows = {"image_id": np.array([f"img-{i}" for i in range(n)]), "x": np.arange(n, dtype=np.float32)}
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self.rows = rows
         self.streams = 0
 
-    def iter_batches(self, batch_size: int, **_):
+    def iter_batches(self, batch_size: int = 256, **_):
         self.streams += 1
-        for i in range(0, len(self.rows["x"]), batch_size):
+        n = len(next(iter(self.rows.values())))
+        for i in range(0, n, batch_size):
             yield {k: v[i : i + batch_size] for k, v in self.rows.items()}
 
 
-def _runner(cache_mb: int):
-    cfg = config_from_dict({"train": {"batch_size": 8, "cache_shard_mb": cache_mb}})
-    model = build_model(cfg.model, heads=["unified"], gate=False, seed=0)
-    job = JobSpec(name="t", kind="pairs", head="unified")
-    return make_runner("pairs", model, job, cfg, np.random.default_rng(0), "cpu")
+def _ids(n: int) -> dict[str, np.ndarray]:
+    return {"image_id": np.array([f"img-{i}" for i in range(n)]), "x": np.arange(n, dtype=np.float32)}
+
+
+def _pairs(n: int = 24, size: int = 64) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    texts = np.empty(n, dtype=object)
+    texts[:] = [np.array([f"a roof of colour {i % 5}", f"place {i // 3}", f"near object {i % 4}"][: 1 + i % 3])
+                for i in range(n)]
+    return {"image_id": np.array([str(i) for i in range(n)]), "location_id": np.array([f"{i // 3:04d}" for i in range(n)]),
+            "platform": np.array([["satellite", "drone", "ground"][i % 3] for i in range(n)]), "texts": texts,
+            "pixels": rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)}
 
 
 def test_small_shard_is_streamed_once_then_reshuffled_from_memory():
-    runner, shard = _runner(cache_mb=16), _Shard(30)
-    epochs = [[b["image_id"].tolist() for b in runner.batches(shard, epoch)] for epoch in range(3)]
+    shard = _Shard(_ids(30))
+    reader = ShardEpochs(shard, batch_size=8, seed=0, keep_bytes=16 * 2**20)
+    epochs = [[b["image_id"].tolist() for b in reader.batches(epoch)] for epoch in range(3)]
     assert shard.streams == 1
     for batches in epochs:
         seen = [i for b in batches for i in b]
@@ -39,8 +54,100 @@ def test_small_shard_is_streamed_once_then_reshuffled_from_memory():
     assert epochs[1] != epochs[2]  # a new order every epoch
 
 
-def test_cache_off_streams_every_epoch():
-    runner, shard = _runner(cache_mb=0), _Shard(30)
-    for epoch in range(3):
-        list(runner.batches(shard, epoch))
-    assert shard.streams == 3
+def test_cache_off_or_a_shard_too_big_streams_every_epoch():
+    for keep_bytes in (0, 100):  # 30 rows of ~17 bytes each do not fit in 100 bytes
+        shard = _Shard(_ids(30))
+        reader = ShardEpochs(shard, batch_size=8, seed=0, keep_bytes=keep_bytes)
+        for epoch in range(3):
+            list(reader.batches(epoch))
+        assert shard.streams == 3 and reader.kept is None
+
+
+def test_trunk_cache_computes_each_statement_once_and_stays_bounded():
+    calls: list[list[str]] = []
+
+    def compute(statements):
+        calls.append(list(statements))
+        return [s.upper() for s in statements]
+
+    cache = TrunkCache(max_items=3)
+    assert cache.get(["b", "a", "b"], compute) == ["B", "A", "B"]
+    assert calls == [["a", "b"]]  # missing ones once each, sorted
+    assert cache.get(["a", "c"], compute) == ["A", "C"] and calls[-1] == ["c"]
+    cache.get(["d"], compute)  # over the bound: the least recently used ("b") goes
+    assert len(cache) == 3
+    cache.get(["a", "b"], compute)
+    assert calls[-1] == ["b"]
+    # more distinct statements in one call than the bound still all come back
+    assert cache.get(list("wxyz"), compute) == list("WXYZ") and len(cache) == 3
+    nothing = TrunkCache(max_items=0)
+    nothing.get(["a"], compute)
+    nothing.get(["a"], compute)
+    assert calls[-2:] == [["a"], ["a"]] and len(nothing) == 0
+
+
+def test_every_kind_names_its_parts_and_an_unknown_kind_is_refused():
+    assert set(KINDS) == {"pairs", "triplets", "gate", "gate_fused"}
+    assert [k for k, v in KINDS.items() if v.trains_gate] == ["gate", "gate_fused"]
+    with pytest.raises(ValueError, match="unknown job kind"):
+        kind_of("pair")
+
+
+def test_the_schedule_is_computed_not_mutated():
+    job = JobSpec(name="e", kind="pairs", epochs=2)
+    small = scheduled(job, rows=10, batch_size=8, min_steps=20)
+    assert (small.steps_per_epoch, small.epochs) == (2, 10)  # stretched to reach min_steps
+    assert (job.steps_per_epoch, job.epochs) == (1, 2)
+    big = scheduled(job, rows=800, batch_size=8, min_steps=20)
+    assert (big.steps_per_epoch, big.epochs) == (100, 2)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    cfg = config_from_dict({"train": {"batch_size": 8}})
+    return cfg, build_model(cfg.model, heads=["satellite", "drone", "ground"], gate=True, seed=0)
+
+
+def _trained(cfg, job, shard, epochs=2):
+    torch.manual_seed(0)
+    model = _init_model(cfg, job)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer, scheduler = make_optimizer(model, job, cfg)
+    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", shard)
+    losses = [run_epoch(ctx, e, optimizer, scheduler, model.trainable_parameters()) for e in range(epochs)]
+    changed = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("heads.") else "")
+               for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    return model, losses, changed
+
+
+@pytest.mark.parametrize("kind, head, parts", [
+    ("pairs", "drone", {"heads.drone"}),
+    ("gate", None, {"gate"}),
+    ("gate_fused", None, {"gate"}),
+])
+def test_a_job_of_each_kind_trains_only_its_parts(demo, tmp_path, kind, head, parts):
+    cfg, model = demo
+    save_model(model, str(tmp_path / "init"), cfg)
+    job = JobSpec(name=kind, kind=kind, head=head, init=str(tmp_path / "init"), epochs=2, lr=1e-3, steps_per_epoch=3)
+    trained, losses, changed = _trained(cfg, job, _Shard(_pairs()))
+    assert changed == parts
+    assert all(steps == 3 and np.isfinite(totals["loss"]) for steps, totals in losses)
+    kept = trained.head_names
+    assert kept == (["satellite", "drone", "ground"] if kind == "gate_fused" else [head] if head else [])
+
+
+@pytest.mark.parametrize("text_layers", [True, False])
+def test_the_frozen_trunk_sees_each_statement_once_over_epochs(demo, text_layers):
+    cfg, _ = demo
+    job = JobSpec(name="s", kind="pairs", head="unified", text_layers=text_layers, epochs=2, steps_per_epoch=3)
+    model = _init_model(cfg, job)
+    seen: list[str] = []
+    trunk = model.text_trunk_output
+    model.text_trunk_output = lambda texts: (seen.extend(texts), trunk(texts))[1]
+    optimizer, scheduler = make_optimizer(model, job, cfg)
+    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    for epoch in range(2):
+        run_epoch(ctx, epoch, optimizer, scheduler, model.trainable_parameters())
+    statements = {str(s) for texts in _pairs()["texts"] for s in texts}
+    assert sorted(seen) == sorted(set(seen)) and set(seen) <= statements
+    assert len(ctx.cache) == len(seen)

@@ -24,7 +24,7 @@ _EXPORTS = {
     "load_model": "checkpoint",
     "load_head": "checkpoint",
     "read_manifest": "checkpoint",
-    "copy_head": "checkpoint",
+    "assemble_moe": "checkpoint",
     "ImagePreprocess": "transforms",
     "image_preprocess": "transforms",
     "SatelliteAugment": "augment",

@@ -195,25 +195,24 @@ def load_head(uri: str, name: str, device: str | torch.device = "cpu") -> Expert
     return head.requires_grad_(False).eval()
 
 
-def _check_same_trunks(a: GeoLocModel, b: GeoLocModel) -> None:
-    if a.model_cfg.model_dump() != b.model_cfg.model_dump():
-        raise ValueError("copy_head: the two models are built from different model configs")
+def _same_image_trunk(a: GeoLocModel, b: GeoLocModel) -> bool:
     sa, sb = a.image_trunk.state_dict(), b.image_trunk.state_dict()
-    if sa.keys() != sb.keys() or any(not torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa):
-        raise ValueError("copy_head: the two models' image trunks differ; a head only fits the trunk it was trained on")
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
 
 
-def copy_head(model: GeoLocModel, src: str, dst: str, source_model: GeoLocModel | None = None) -> None:
-    """dst := a copy of head src, from `model` itself or from another model sharing its trunks.
+def assemble_moe(expert_uris: Sequence[str], gate_uri: str, out_uri: str, cfg: Config | None = None,
+                 extra: dict[str, Any] | None = None) -> dict:
+    """Save one model = the shared trunk + every expert checkpoint's heads + the gate (what index and serve load).
 
-    Experts start as copies of the aligned head; the MoE model is assembled from the experts' checkpoints.
+    Heads only fit the trunk they were trained on, so the experts must share one image trunk (one stage 0).
     """
-    import copy
-
-    if source_model is None or source_model is model:
-        model.copy_head(src, dst)
-        return
-    _check_same_trunks(model, source_model)
-    if src not in source_model.heads:
-        raise KeyError(f"no head {src!r} in the source model; heads are {source_model.head_names}")
-    model.heads[dst] = copy.deepcopy(source_model.heads[src]).to(model.device)
+    moe = load_model(expert_uris[0])
+    for uri in expert_uris[1:]:
+        expert = load_model(uri)
+        if not _same_image_trunk(moe, expert):
+            raise ValueError(f"{uri} does not share the image trunk of {expert_uris[0]}: retrain from one stage 0")
+        for name in expert.head_names:
+            moe.heads[name] = expert.heads[name]
+    moe.gate = load_model(gate_uri).gate
+    sources = {"experts": list(expert_uris), "gate": gate_uri}
+    return save_model(moe, out_uri, cfg, extra={"experts": moe.head_names, "sources": sources, **(extra or {})})

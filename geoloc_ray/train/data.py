@@ -6,31 +6,15 @@ is applied per step in the worker (it must differ every epoch).
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from geoloc_ray import io
-from geoloc_ray.preprocess.images import load_image
-
-log = logging.getLogger(__name__)
+from geoloc_ray.preprocess.images import decode_pixels
 
 PAIR_COLUMNS = ["image_id", "platform", "location_id", "texts", "pixels"]
-
-
-def decode_pixels(uris, size: int) -> tuple[np.ndarray, list[bool]]:
-    """(N, size, size, 3) uint8 and which rows decoded; a file broken since `prepare` is skipped, not fatal."""
-    out = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
-    ok = []
-    for i, uri in enumerate(uris):
-        try:
-            out[i] = np.asarray(load_image(str(uri), size))
-            ok.append(True)
-        except Exception as exc:  # noqa: BLE001 - any decode failure is reported and skipped
-            log.warning("skipping undecodable image %s: %s", uri, exc)
-            ok.append(False)
-    return out, ok
 
 
 def decode_batch(batch: dict[str, Any], *, size: int, storage: dict | None = None) -> dict[str, Any]:
@@ -73,36 +57,45 @@ def split_locations(location_ids, fraction: float) -> set[str]:
             if int(hashlib.sha1(loc.encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000}
 
 
-def _only(ds, platforms: list[str] | None, locations: set[str] | None, exclude: set[str] | None):
+@dataclass(frozen=True)
+class Source:
+    """The rows a job trains on: a parquet URI, optionally restricted to platforms and locations."""
+
+    uri: str
+    platforms: tuple[str, ...] | None = None
+    locations: frozenset[str] | None = None  # only these locations (the gate's held-out tuning set)
+    exclude: frozenset[str] | None = None  # never these (the held-out locations, for every head)
+
+
+def _only(ds, source: Source):
     from ray.data.expressions import col
 
-    if platforms:
-        ds = ds.filter(expr=col("platform").is_in(list(platforms)))
-    if locations is not None:
-        ds = ds.filter(expr=col("location_id").is_in(sorted(locations)))
-    if exclude:
-        ds = ds.filter(expr=~col("location_id").is_in(sorted(exclude)))
+    if source.platforms:
+        ds = ds.filter(expr=col("platform").is_in(list(source.platforms)))
+    if source.locations is not None:
+        ds = ds.filter(expr=col("location_id").is_in(sorted(source.locations)))
+    if source.exclude:
+        ds = ds.filter(expr=~col("location_id").is_in(sorted(source.exclude)))
     return ds
 
 
-def pairs_dataset(uri: str, size: int, platforms: list[str] | None = None, materialize: bool = True,
-                  locations: set[str] | None = None, exclude: set[str] | None = None):
-    """Images + their texts for contrastive training, optionally restricted to platforms / locations."""
-    ds = _only(io.read_dataset_parquet(uri), platforms, locations, exclude)
+def pairs_dataset(source: Source, size: int, materialize: bool = True):
+    """Images + their texts for contrastive training (and the fused gate's held-out gallery)."""
+    ds = _only(io.read_dataset_parquet(source.uri), source)
     ds = ds.map_batches(decode_batch, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"size": size, "storage": io.storage_options()})
     return ds.materialize() if materialize else ds
 
 
-def texts_dataset(uri: str, exclude: set[str] | None = None):
-    """Each image's statements and platform, for the gate: no pixels needed."""
-    ds = io.read_dataset_parquet(uri, columns=["texts", "platform", "location_id"])
-    return _only(ds, None, None, exclude).materialize()
+def texts_dataset(source: Source, size: int):
+    """Each image's statements and platform, for the gate: no pixels, so `size` is not used."""
+    ds = io.read_dataset_parquet(source.uri, columns=["texts", "platform", "location_id"])
+    return _only(ds, source).materialize()
 
 
-def triplets_dataset(uri: str, size: int, materialize: bool = True):
+def triplets_dataset(source: Source, size: int, materialize: bool = True):
     """FlagEmbedding-style {query, pos, neg} records written by mining, with pixels attached."""
-    ds = io.read_dataset_parquet(uri)
+    ds = _only(io.read_dataset_parquet(source.uri), source)
     ds = ds.map_batches(decode_triplet_batch, batch_format="numpy", num_cpus=0.5,
                         fn_kwargs={"size": size, "storage": io.storage_options()})
     return ds.materialize() if materialize else ds

@@ -22,7 +22,13 @@ class FitResult:
 
 
 def _storage(cfg: Config) -> tuple[str, Any]:
-    uri = artifacts.artifact(cfg, "ray_train")
+    """Ray Train's storage path and filesystem. The config's storage options are installed first: concurrent
+    fits build their trainer inside a Ray task, where a submitted job's driver options are not set, and an S3
+    filesystem made there without the endpoint sends the controller to the public AWS host."""
+    from geoloc_ray.runtime import use_storage
+
+    use_storage(cfg)
+    uri = artifacts.ray_train_storage(cfg)
     if io.is_local(uri):
         path = os.path.abspath(uri)
         os.makedirs(path, exist_ok=True)

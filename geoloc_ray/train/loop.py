@@ -1,8 +1,9 @@
 """The per-worker training loop Ray Train runs: one plain function for every stage (nanoGPT-style).
 
-A job is one of: `pairs` (contrastive on image/text pairs: stage 0 and expert stage 1), `triplets` (stage 2 with
-mined hard negatives), `gate` (platform classification on trunk query features), `gate_fused` (the gate tuned
-on the fused retrieval loss over held-out locations, experts frozen). Each epoch ends with
+A job's kind (a key of `kinds.KINDS`) says what trains, on which batches, under which loss: `pairs`
+(contrastive on image/text pairs: stage 0 and expert stage 1), `triplets` (stage 2 with mined hard negatives),
+`gate` (platform classification on trunk query features), `gate_fused` (the gate tuned on the fused retrieval
+loss over held-out locations, experts frozen). Each epoch ends with
 `ray.train.report(metrics, checkpoint)`; a restarted worker resumes from the last checkpoint.
 """
 
@@ -18,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from geoloc_ray.config import Config
+from geoloc_ray.train.kinds import kind_of
+from geoloc_ray.train.steps import StepContext, make_context
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -28,7 +31,7 @@ class JobSpec:
     """What one TorchTrainer run trains; serialisable into `train_loop_config`."""
 
     name: str
-    kind: str  # pairs | triplets | gate | gate_fused
+    kind: str  # a key of `kinds.KINDS`: pairs | triplets | gate | gate_fused
     head: str | None = None  # the head being trained (None for the gate)
     init: str | None = None  # model URI to start from (None: build fresh from config)
     init_head: str | None = None  # start `head` as a copy of this head of `init` (heads start from stage 0's)
@@ -46,16 +49,17 @@ class JobSpec:
 def _init_model(cfg: Config, job: JobSpec):
     from geoloc_ray.model import build_model, load_model
 
+    kind = kind_of(job.kind)
     if job.init is None:
         model = build_model(cfg.model, heads=[job.head], gate=False, seed=job.seed)
     else:
         model = load_model(job.init)
         if job.init_head is not None and job.head is not None and job.init_head != job.head:
             model.copy_head(job.init_head, job.head)
-        if job.kind != "gate_fused":
+        if not kind.all_heads:
             for name in [n for n in model.head_names if n != job.head]:
                 del model.heads[name]  # an expert run carries only its own head
-        if job.kind == "gate":
+        if kind.fresh_gate:
             model.add_gate()
     _set_trainable(model, job)
     return model
@@ -63,7 +67,7 @@ def _init_model(cfg: Config, job: JobSpec):
 
 def _set_trainable(model, job: JobSpec) -> None:
     model.set_trainable(image_trunk=job.image_trunk, heads=[job.head] if job.head else [],
-                        gate=job.kind in ("gate", "gate_fused"))
+                        gate=kind_of(job.kind).trains_gate)
     if job.head and not job.text_layers:
         model.heads[job.head].text.tail.requires_grad_(False)
         model.train(model.training)
@@ -94,17 +98,38 @@ def make_optimizer(model, job: JobSpec, cfg: Config):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def run_epoch(runner, shard, epoch: int, optimizer, scheduler, params: list) -> tuple[int, dict[str, float]]:
-    """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function."""
-    from geoloc_ray.train import steps
+def sync_gradients(params: list) -> None:
+    """Average gradients over the data-parallel workers (what DDP does; our heads run through split calls)."""
+    import torch.distributed as dist
 
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
+def broadcast_parameters(model) -> None:
+    """Start every worker from rank 0's weights."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in model.state_dict().values():
+            dist.broadcast(p, src=0)
+
+
+def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler, params: list) -> tuple[int, dict[str, float]]:
+    """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function."""
+    kind = kind_of(ctx.job.kind)
     totals = {"loss": 0.0, "acc": 0.0}
     n_steps = 0
-    for batch in runner.batches(shard, epoch):
-        loss, acc = runner.loss(batch)
+    for batch in kind.batches(ctx, epoch):
+        loss, acc = kind.loss(ctx, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        steps.sync_gradients(params)
+        sync_gradients(params)
         optimizer.step()
         scheduler.step()
         totals["loss"] += float(loss.detach())
@@ -153,17 +178,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from geoloc_ray import artifacts
-    from geoloc_ray.train import steps
+    from geoloc_ray.runtime import use_storage
 
     cfg = Config.model_validate(config["cfg"])
-    artifacts.apply_storage_options(cfg)  # this worker may read s3:// checkpoints through a custom endpoint
+    use_storage(cfg)  # this worker may read s3:// checkpoints through a custom endpoint
     job = JobSpec(**config["job"])
-    ctx = ray.train.get_context()
+    rank = ray.train.get_context().get_world_rank()
     # Threads = the CPUs this worker was given (several trainers share a node): more would only thrash.
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(config.get("cpus", cfg.train.cpus_per_worker))))
-    torch.manual_seed(job.seed + ctx.get_world_rank())
-    rng = np.random.default_rng(job.seed + 1000 * ctx.get_world_rank())
+    torch.manual_seed(job.seed + rank)
+    rng = np.random.default_rng(job.seed + 1000 * rank)
 
     restored, start_epoch = _restore()
     if restored is None:
@@ -178,24 +202,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(opt_state["scheduler"])
     device = ray.train.torch.get_device()
     model.to(device)
-    steps.broadcast_parameters(model)
+    broadcast_parameters(model)
     params = model.trainable_parameters()
-    runner = steps.make_runner(job.kind, model, job, cfg, rng, device)
-    shard = ray.train.get_dataset_shard("train")
+    ctx = make_context(model, job, cfg, rng, device, ray.train.get_dataset_shard("train"))
 
     # Every rank must make the same report calls, so the interval comes from the driver's step count.
     report_every = max(1, -(-cfg.train.report_every_steps // max(1, job.steps_per_epoch)))
     for epoch in range(start_epoch, job.epochs):
         t0 = time.perf_counter()
         model.train()
-        n_steps, totals = run_epoch(runner, shard, epoch, optimizer, scheduler, params)
+        n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler, params)
         metrics = {
             "job": job.name, "epoch": epoch, "steps": n_steps,
             "loss": totals["loss"] / max(n_steps, 1), "batch_acc": totals["acc"] / max(n_steps, 1),
             "epoch_s": time.perf_counter() - t0, "resumed_from_epoch": start_epoch,
             "lr": optimizer.param_groups[0]["lr"],
         }
-        if ctx.get_world_rank() == 0:
+        if rank == 0:
             print(f"[{job.name}] epoch {epoch + 1}/{job.epochs} loss {metrics['loss']:.4f} "
                   f"acc {metrics['batch_acc']:.3f} ({n_steps} steps, {metrics['epoch_s']:.1f}s)", flush=True)
         last = epoch == job.epochs - 1

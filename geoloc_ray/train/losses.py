@@ -41,3 +41,14 @@ def info_nce(
 def gate_loss(logits: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:
     """The gate is supervised by the platform of each query's positive image."""
     return F.cross_entropy(logits, platform_ids)
+
+
+def fused_logits(weights: torch.Tensor, per_expert: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, N) fused scores S = sum_k g_k S_k (DESIGN section 1) from gate weights (B, K) and (B, K, N) scores."""
+    return (weights[:, :, None] * per_expert).sum(1) / temperature
+
+
+def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on any positive (every image of the query's location counts, as in eval)."""
+    on_positives = logits.masked_fill(~positives, float("-inf"))
+    return (torch.logsumexp(logits, 1) - torch.logsumexp(on_positives, 1)).mean()

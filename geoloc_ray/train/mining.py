@@ -2,18 +2,23 @@
 
 Each stage-1 expert embeds the training gallery and its own platform's queries; Ray Data runs the embedding
 on an actor pool (one pass for all experts), faiss finds each query's nearest images, and images of the
-query's own location are dropped (they are the same place, not negatives).
+query's own location are dropped (they are the same place, not negatives). A resumable step: `mined/` holds
+one parquet per platform and a manifest naming the stage-1 model versions it was mined with, so a run that
+stopped after mining does not mine again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
-from geoloc_ray import io
+from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config, HardNegativeConfig
+from geoloc_ray.index.faiss_index import exact_search
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +62,11 @@ def embed_training_queries(cfg: Config, experts: dict[str, str], train_uri: str,
 
 
 def mined_rows(platform: str, queries, gallery, hn: HardNegativeConfig) -> list[dict[str, Any]]:
-    """faiss top-k over the gallery (mixed, or the platform's own images) -> records with negatives."""
-    import faiss
-
+    """Exact top-k over the gallery (mixed, or the platform's own images) -> records with negatives."""
     q = queries[queries["platform"] == platform].reset_index(drop=True)
     g = gallery if hn.gallery == "mixed" else gallery[gallery["platform"] == platform]
     g = g.reset_index(drop=True)
-    vectors = np.stack(g[platform].to_numpy()).astype(np.float32)
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    index.add(vectors)
-    _, neighbours = index.search(np.stack(q["embedding"].to_numpy()).astype(np.float32),
-                                 min(hn.top_k, len(vectors)))
+    _, neighbours = exact_search(np.stack(q["embedding"].to_numpy()), np.stack(g[platform].to_numpy()), hn.top_k)
     g_locs = g["location_id"].to_numpy()
     rows = []
     for i, negs in enumerate(select_negatives(neighbours, q["location_id"].to_numpy(), g_locs, hn)):
@@ -82,9 +81,9 @@ def mined_rows(platform: str, queries, gallery, hn: HardNegativeConfig) -> list[
     return rows
 
 
-def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str, out: dict[str, str],
-                        exclude: set[str] | None = None) -> dict[str, Any]:
-    """Write one mined parquet per expert (held-out locations excluded); returns counts per expert."""
+def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str,
+                        exclude: set[str] | frozenset[str] | None = None) -> dict[str, Any]:
+    """Write `mined/<platform>.parquet` per expert (held-out locations excluded); returns counts per expert."""
     import pandas as pd
 
     hn = cfg.train.hard_negatives
@@ -95,8 +94,36 @@ def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str, ou
         rows = mined_rows(platform, queries, gallery, hn)
         if not rows:
             raise ValueError(f"mining for {platform!r} found no query with {hn.per_query} other-location negatives")
-        io.write_parquet(out[platform], pd.DataFrame(rows))
+        io.write_parquet(artifacts.mined(cfg, platform), pd.DataFrame(rows))
         n_queries = int((queries["platform"] == platform).sum())
         summary[platform] = {"queries": n_queries, "rows": len(rows), "dropped": n_queries - len(rows)}
     log.info("mined hard negatives: %s", summary)
     return summary
+
+
+def mining_key(model_versions: dict[str, str], hn: HardNegativeConfig, exclude: Collection[str] | None) -> dict:
+    """What mined rows depend on: the stage-1 experts' model versions, the mining settings, the held-out set."""
+    held_out = hashlib.sha256("\n".join(sorted(exclude or ())).encode()).hexdigest()[:16]
+    return {"models": dict(model_versions), "hard_negatives": hn.model_dump(mode="json"), "held_out": held_out}
+
+
+def is_current(manifest: dict | None, key: dict) -> bool:
+    """Whether mined/ (its manifest, written last) was mined with exactly these experts and settings."""
+    return manifest is not None and all(manifest.get(name) == value for name, value in key.items())
+
+
+def mine(cfg: Config, experts: dict[str, str], train_uri: str,
+         exclude: set[str] | frozenset[str] | None = None) -> dict[str, Any]:
+    """Mine for stage 2 unless mined/ already holds the rows of these stage-1 experts (e.g. a resumed run)."""
+    from geoloc_ray.model import read_manifest
+
+    key = mining_key({p: read_manifest(uri)["model_version"] for p, uri in experts.items()},
+                     cfg.train.hard_negatives, exclude)
+    path = artifacts.mined_manifest(cfg)
+    previous = io.read_json(path) if io.exists(path) else None
+    if is_current(previous, key):
+        log.info("mined hard negatives are up to date with the stage-1 experts %s: reused", key["models"])
+        return {"reused": True, "platforms": previous["summary"]}
+    summary = mine_hard_negatives(cfg, experts, train_uri, exclude)
+    io.write_json(path, {**key, "summary": summary})
+    return {"reused": False, "platforms": summary}

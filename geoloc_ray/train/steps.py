@@ -1,301 +1,292 @@
-"""Per-kind batch iteration and loss for the train loop: pairs, triplets (hard negatives), gate."""
+"""One training step per kind of job: plain batch sources and loss functions over a worker's `StepContext`.
+
+pairs: in-batch InfoNCE on (image, a query-like text of 1..N of its statements): stage 0 and expert stage 1.
+triplets: stage 2, in-batch negatives plus each query's mined hard negatives (never of its own location).
+gate: the platform of each query's image, from the frozen trunk's query feature.
+gate_fused: the gate on the fused retrieval loss over held-out locations, experts frozen.
+torch is imported inside the functions: the recipe imports this module (through `kinds`) on the CLI path.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from geoloc_ray.config import Config
-from geoloc_ray.train.batches import TextSampler, location_codes
-from geoloc_ray.train.losses import gate_loss, info_nce
+from geoloc_ray.train import shards
+from geoloc_ray.train.cache import TrunkCache
+
+if TYPE_CHECKING:
+    import torch
+
+    from geoloc_ray.train.batches import TextSampler
+    from geoloc_ray.train.loop import JobSpec
+
+Loss = tuple["torch.Tensor", float]  # (loss to minimise, batch accuracy for the log)
 
 
-def _iter(shard, batch_size: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
-        if len(next(iter(batch.values()))) >= 2:  # a contrastive step needs at least one negative
-            yield batch
+@dataclass
+class StepContext:
+    """What a kind's batches and loss read on one worker; the gate kinds fill `rows` (and `gallery`) once."""
+
+    model: Any
+    job: JobSpec
+    cfg: Config
+    rng: np.random.Generator
+    device: Any
+    shard: Any  # this worker's Ray Data shard
+    epochs: shards.ShardEpochs
+    sampler: TextSampler
+    preprocess: Callable[..., torch.Tensor]
+    augment: Any | None
+    cache: TrunkCache
+    rows: dict[str, np.ndarray] | None = None
+    gallery: list[torch.Tensor] | None = None  # gate_fused: each expert's vectors of the held-out images
 
 
-def _accuracy(text: torch.Tensor, image: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((text @ image[: len(text)].T).argmax(1).eq(torch.arange(len(text))).float().mean())
-
-
-def sync_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over the data-parallel workers (what DDP does; our heads run through split calls)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
-def broadcast_parameters(model: torch.nn.Module) -> None:
-    """Start every worker from rank 0's weights."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for p in model.state_dict().values():
-            dist.broadcast(p, src=0)
-
-
-def _unstyler(cfg: Config):
+def _unstyler(cfg: Config) -> Callable[[str], str] | None:
     """The inverse of the refiner's platform phrasing, from the same vocabulary the refine stage used."""
     if cfg.train.style_dropout <= 0:
         return None
     from geoloc_ray.captions.rules import style_patterns, unstyle
     from geoloc_ray.captions.vocabulary import load_vocabulary
 
-    patterns = style_patterns(load_vocabulary(cfg.refine.vocabulary))
-    return lambda text: unstyle(text, patterns)
+    return partial(unstyle, patterns=style_patterns(load_vocabulary(cfg.refine.vocabulary)))
 
 
-class _Runner:
-    def __init__(self, model, job, cfg: Config, rng: np.random.Generator, device):
-        from geoloc_ray.model import SatelliteAugment, image_preprocess
+def make_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, device, shard) -> StepContext:
+    """The worker's step context; the augmentation's seed is the first draw from `rng` (then the text sampler's)."""
+    from geoloc_ray.model import SatelliteAugment, image_preprocess
+    from geoloc_ray.train.batches import TextSampler
 
-        self.model, self.job, self.cfg, self.rng, self.device = model, job, cfg, rng, device
-        self._kept: dict[str, np.ndarray] | None = None  # this worker's shard, after a first streamed epoch
-        self.preprocess = image_preprocess(model)
-        self.sampler = TextSampler(rng, cfg.train.statements_per_text, _unstyler(cfg), cfg.train.style_dropout)
-        self.augment = None
-        if cfg.preprocess.augment.enabled:
-            self.augment = SatelliteAugment(cfg.preprocess.augment, seed=int(rng.integers(2**31)))
-
-    def batches(self, shard, epoch: int) -> Iterator[dict[str, Any]]:
-        if self._kept is not None:
-            return self._memory_batches(epoch)
-        return self._streamed_batches(shard, epoch)
-
-    def _streamed_batches(self, shard, epoch: int) -> Iterator[dict[str, Any]]:
-        """Stream the shard from Ray Data; keep it when it fits `train.cache_shard_mb`, so later epochs do not
-        re-stream it (on a small node the streaming competes with the step for the same cores)."""
-        limit, size = self.cfg.train.cache_shard_mb * 2**20, 0
-        kept: list[dict[str, np.ndarray]] | None = [] if limit > 0 else None
-        for batch in _iter(shard, self.cfg.train.batch_size, self.job.seed + epoch):
-            if kept is not None:
-                size += sum(v.nbytes for v in batch.values())
-                if size <= limit:
-                    kept.append(batch)
-                else:
-                    kept = None
-            yield batch
-        if kept:
-            self._kept = {k: np.concatenate([b[k] for b in kept]) for k in kept[0]}
-
-    def _memory_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
-        bs, n = self.cfg.train.batch_size, len(next(iter(self._kept.values())))
-        order = np.random.default_rng(self.job.seed + epoch).permutation(n)
-        for i in range(0, n - 1, bs):  # a contrastive step needs at least one negative
-            idx = order[i : i + bs]
-            if len(idx) >= 2:
-                yield {k: v[idx] for k, v in self._kept.items()}
-
-    def autocast(self):
-        """bf16 matmuls where the hardware has them; the loss itself is computed in fp32."""
-        device_type = torch.device(self.device).type
-        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
-
-    def pixels(self, pixels: np.ndarray, platforms: np.ndarray) -> torch.Tensor:
-        """Model input; satellite images (only) get the report's augmentation, anew every step."""
-        return self.preprocess(pixels, augment=self.augment,
-                               augment_mask=np.asarray(platforms) == "satellite").to(self.device)
-
-    def encode(self, texts: list[str], pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m, head = self.model, self.job.head
-        with torch.no_grad():  # the text trunk is frozen: no activations kept for it
-            trunk = m.text_trunk_output(texts)
-        return m.text_head(head, trunk), self.encode_image(pixels)
-
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        m, head = self.model, self.job.head
-        if self.job.image_trunk:
-            return m.image_head(head, m.image_trunk_output(pixels))
-        with torch.no_grad():
-            image_trunk = m.image_trunk_output(pixels)
-        return m.image_head(head, image_trunk)
+    preprocess = image_preprocess(model)
+    sampler = TextSampler(rng, cfg.train.statements_per_text, _unstyler(cfg), cfg.train.style_dropout)
+    augment = None
+    if cfg.preprocess.augment.enabled:
+        augment = SatelliteAugment(cfg.preprocess.augment, seed=int(rng.integers(2**31)))
+    epochs = shards.ShardEpochs(shard, cfg.train.batch_size, job.seed, cfg.train.cache_shard_mb * 2**20)
+    return StepContext(model, job, cfg, rng, device, shard, epochs, sampler, preprocess, augment,
+                       TrunkCache(cfg.train.trunk_cache_items))
 
 
-class PairRunner(_Runner):
-    """In-batch InfoNCE on (image, a query-like text made of 1..N of its statements)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.trunk_cache: dict[str, Any] = {}  # statement -> its frozen text-trunk output (or locked feature)
-
-    def _cached_trunk(self, statements: list[str]):
-        from geoloc_ray.model import TextTrunkOutput
-
-        missing = [s for s in statements if s not in self.trunk_cache]
-        for i in range(0, len(missing), 256):
-            chunk = missing[i : i + 256]
-            with torch.no_grad(), self.autocast():
-                out = self.model.text_trunk_output(chunk)
-            self.trunk_cache.update(zip(chunk, [o.to("cpu") for o in out.split()], strict=True))
-        return TextTrunkOutput.cat([self.trunk_cache[s] for s in statements]).to(self.device)
-
-    def statement_text(self, groups: list[list[str]]) -> torch.Tensor:
-        """Unit text embeddings of multi-statement texts: each distinct statement goes through the head's text
-        layers once per step (its frozen trunk output is cached), a text is the mean of its statements' pooled
-        features, then the projection. Locked text layers make the pooled features themselves cacheable."""
-        head = self.model.heads[self.job.head].text
-        unique = sorted({s for g in groups for s in g})
-        if self.job.text_layers:
-            with self.autocast():
-                pooled = head.tail(self._cached_trunk(unique)).float()
-        else:
-            missing = [s for s in unique if s not in self.trunk_cache]
-            if missing:
-                with torch.no_grad(), self.autocast():
-                    feats = head.tail(self.model.text_trunk_output(missing)).float().cpu()
-                self.trunk_cache.update(zip(missing, feats, strict=True))
-            pooled = torch.stack([self.trunk_cache[s] for s in unique]).to(self.device)
-        where = {s: i for i, s in enumerate(unique)}
-        texts = torch.stack([pooled[[where[s] for s in g]].mean(0) for g in groups])
-        return torch.nn.functional.normalize(head.proj(texts), dim=-1)
-
-    def loss(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, float]:
-        pixels = self.pixels(batch["pixels"], batch["platform"])
-        if self.cfg.train.text_composition == "tokens" and self.job.text_layers:
-            with self.autocast():
-                t, v = self.encode(self.sampler.texts(batch["texts"]), pixels)
-        else:
-            t = self.statement_text(self.sampler.statements(batch["texts"]))
-            with self.autocast():
-                v = self.encode_image(pixels)
-        t, v = t.float(), v.float()
-        (locs,) = location_codes(batch["location_id"])
-        return info_nce(t, v, locs.to(self.device), self.cfg.train.temperature), _accuracy(t, v)
+# ----- batch sources ---------------------------------------------------------------------------------------------
+def shard_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """pairs and triplets: the decoded rows Ray Data shards to this worker (kept in memory when small)."""
+    return ctx.epochs.batches(epoch)
 
 
-class TripletRunner(_Runner):
-    """Stage 2: in-batch negatives plus each query's mined hard negatives (never its own location)."""
-
-    def loss(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, float]:
-        pos, neg = batch["pixels"], batch["neg_pixels"]
-        b, n = neg.shape[:2]
-        platforms = np.concatenate([batch["platform"], np.repeat(batch["platform"], n)])
-        pixels = self.pixels(np.concatenate([pos, neg.reshape(b * n, *neg.shape[2:])]), platforms)
-        with self.autocast():
-            t, v_all = self.encode([str(q) for q in batch["query"]], pixels)
-        t, v_all = t.float(), v_all.float()
-        v, hard = v_all[:b], v_all[b:]
-        locs, hard_locs = location_codes(batch["location_id"], batch["neg_location_ids"])
-        loss = info_nce(t, v, locs.to(self.device), self.cfg.train.temperature, hard, hard_locs.to(self.device))
-        return loss, _accuracy(t, v)
+def gate_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """Row indices into the shard's texts, read once; a fresh order from the worker's generator every epoch."""
+    if ctx.rows is None:
+        rows = shards.all_rows(ctx.shard, ["texts", "platform"])
+        has_text = np.array([len(t) > 0 for t in rows["texts"]], dtype=bool)
+        ctx.rows = {k: v[has_text] for k, v in rows.items()}
+    return _row_batches(ctx)
 
 
-class GateRunner(_Runner):
-    """The gate reads only the frozen trunk's query feature: each statement's feature is computed once, a
-    multi-statement query is the mean of its statements' features, and the MLP trains on those."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.rows: list[tuple[list[str], int]] | None = None
-        self.features: dict[str, torch.Tensor] = {}
-
-    def _feature(self, groups: list[list[str]]) -> torch.Tensor:
-        missing = sorted({s for g in groups for s in g} - self.features.keys())
-        for i in range(0, len(missing), 256):
-            chunk = missing[i : i + 256]
-            with torch.no_grad(), self.autocast():
-                pooled = self.model.text_trunk_output(chunk).pooled.float().cpu()
-            self.features.update(zip(chunk, pooled, strict=True))
-        return torch.stack([torch.stack([self.features[s] for s in g]).mean(0) for g in groups])
-
-    def batches(self, shard, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-        if self.rows is None:
-            platforms = self.model.platforms
-            self.rows = [(list(t), platforms.index(p)) for b in shard.iter_batches(batch_format="numpy")
-                         for t, p in zip(b["texts"], b["platform"], strict=True) if len(t)]
-        order = self.rng.permutation(len(self.rows))
-        bs = self.cfg.train.batch_size
-        for i in range(0, len(order), bs):
-            rows = [self.rows[j] for j in order[i : i + bs]]
-            x = self._feature(self.sampler.statements([r[0] for r in rows]))
-            yield {"x": x.to(self.device), "y": torch.as_tensor([r[1] for r in rows], device=self.device)}
-
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        logits = self.model.gate.logits(batch["x"])
-        return gate_loss(logits, batch["y"]), float(logits.argmax(1).eq(batch["y"]).float().mean())
+def fused_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+    """As `gate_batches`; the held-out images become a fixed gallery under every (frozen) expert once."""
+    if ctx.rows is None:
+        rows = shards.all_rows(ctx.shard, ["texts", "location_id", "pixels"])
+        ctx.gallery = _expert_gallery(ctx, rows.pop("pixels"))
+        ctx.rows = {**rows, "location_id": rows["location_id"].astype(str)}
+    return _row_batches(ctx)
 
 
-class GateFusedRunner(GateRunner):
-    """Tune the gate on the fused retrieval loss (DESIGN: S = sum_k g_k S_k) over held-out locations.
-
-    Experts are frozen, so every expert's text feature per statement and image vector per gallery image is
-    computed once; each step scores a batch of queries against the whole held-out gallery and rewards any image
-    of the query's location (location-level retrieval, as evaluated).
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.experts = list(self.model.platforms)
-        self.expert_text: dict[str, list[torch.Tensor]] = {}
-        self.gallery: list[torch.Tensor] = []
-        self.gallery_locations: np.ndarray | None = None
-        self.row_locations: np.ndarray | None = None
-
-    def _load(self, shard) -> None:
-        rows, pixels, locations = [], [], []
-        for b in shard.iter_batches(batch_format="numpy", batch_size=256):
-            for texts, platform, loc in zip(b["texts"], b["platform"], b["location_id"], strict=True):
-                rows.append((list(texts), self.model.platforms.index(platform)))
-                locations.append(str(loc))
-            pixels.append(b["pixels"])
-        self.rows, self.row_locations = rows, np.asarray(locations)
-        self.gallery_locations = self.row_locations
-        x = self.preprocess(np.concatenate(pixels)).to(self.device)  # no augmentation: a fixed gallery
-        with torch.no_grad(), self.autocast():
-            trunk = self.model.image_trunk_output(x)
-            self.gallery = [self.model.image_head(k, trunk).float() for k in self.experts]
-
-    def _expert_text(self, groups: list[list[str]]) -> list[torch.Tensor]:
-        unique = sorted({s for g in groups for s in g} - self.expert_text.keys())
-        if unique:
-            with torch.no_grad(), self.autocast():
-                trunk = self.model.text_trunk_output(unique)
-                feats = [self.model.heads[k].text.tail(trunk).float().cpu() for k in self.experts]
-            for i, s in enumerate(unique):
-                self.expert_text[s] = [f[i] for f in feats]
-        out = []
-        for k, name in enumerate(self.experts):
-            pooled = torch.stack([torch.stack([self.expert_text[s][k] for s in g]).mean(0) for g in groups])
-            with torch.no_grad():
-                out.append(torch.nn.functional.normalize(self.model.heads[name].text.proj(pooled), dim=-1))
-        return out
-
-    def batches(self, shard, epoch: int) -> Iterator[dict[str, Any]]:
-        if self.rows is None:
-            self._load(shard)
-        order = self.rng.permutation(len(self.rows))
-        bs = self.cfg.train.batch_size
-        for i in range(0, len(order), bs):
-            idx = order[i : i + bs]
-            groups = self.sampler.statements([self.rows[j][0] for j in idx])
-            yield {"x": self._feature(groups).to(self.device), "texts": self._expert_text(groups),
-                   "positives": torch.as_tensor(self.row_locations[idx][:, None] == self.gallery_locations[None])}
-
-    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, float]:
-        weights = self.model.gate(batch["x"])  # (B, K)
-        per_expert = torch.stack([t @ g.T for t, g in zip(batch["texts"], self.gallery, strict=True)], dim=1)
-        logits = (weights[:, :, None] * per_expert).sum(1) / self.cfg.train.temperature  # (B, N)
-        positives = batch["positives"].to(logits.device)
-        loss = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~positives, float("-inf")), 1))
-        top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
-        return loss.mean(), float(top1)
+def _row_batches(ctx: StepContext) -> Iterator[dict[str, np.ndarray]]:
+    for idx in shards.shuffled(ctx.rng, len(ctx.rows["texts"]), ctx.cfg.train.batch_size):
+        yield {"rows": idx}
 
 
-def make_runner(kind: str, model, job, cfg: Config, rng: np.random.Generator, device) -> _Runner:
-    runners = {"pairs": PairRunner, "triplets": TripletRunner, "gate": GateRunner, "gate_fused": GateFusedRunner}
-    if kind not in runners:
-        raise ValueError(f"unknown job kind {kind!r}; expected one of {sorted(runners)}")
-    return runners[kind](model, job, cfg, rng, device)
+# ----- encoders --------------------------------------------------------------------------------------------------
+def _autocast(ctx: StepContext):
+    """bf16 matmuls where the hardware has them; losses are computed in fp32."""
+    import torch
+
+    return torch.autocast(torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=ctx.cfg.train.bf16)
+
+
+def _pixels(ctx: StepContext, pixels: np.ndarray, platforms: np.ndarray) -> torch.Tensor:
+    """Model input; satellite images (only) get the report's augmentation, anew every step."""
+    mask = np.asarray(platforms) == "satellite"
+    return ctx.preprocess(pixels, augment=ctx.augment, augment_mask=mask).to(ctx.device)
+
+
+def _image(ctx: StepContext, pixels: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    model, head = ctx.model, ctx.job.head
+    if ctx.job.image_trunk:
+        return model.image_head(head, model.image_trunk_output(pixels))
+    with torch.no_grad():
+        trunk = model.image_trunk_output(pixels)
+    return model.image_head(head, trunk)
+
+
+def _query_text(ctx: StepContext, texts: list[str]) -> torch.Tensor:
+    """Whole texts through the frozen trunk (no activations kept) and the head."""
+    import torch
+
+    with torch.no_grad():
+        trunk = ctx.model.text_trunk_output(texts)
+    return ctx.model.text_head(ctx.job.head, trunk)
+
+
+def _trunk_outputs(ctx: StepContext, statements: list[str]) -> list:
+    import torch
+
+    with torch.no_grad(), _autocast(ctx):
+        out = ctx.model.text_trunk_output(statements)
+    return [o.to("cpu") for o in out.split()]
+
+
+def _tail_features(ctx: StepContext, statements: list[str]) -> list:
+    """Pooled features of the job's head text layers, when they are locked (a fixed function of a statement)."""
+    import torch
+
+    with torch.no_grad(), _autocast(ctx):
+        return list(ctx.model.heads[ctx.job.head].text.tail(ctx.model.text_trunk_output(statements)).float().cpu())
+
+
+def _trunk_features(ctx: StepContext, statements: list[str]) -> list:
+    import torch
+
+    with torch.no_grad(), _autocast(ctx):
+        return list(ctx.model.text_trunk_output(statements).pooled.float().cpu())
+
+
+def _fused_features(ctx: StepContext, statements: list[str]) -> list:
+    """(trunk query feature, [each frozen expert's pooled text feature]) per statement, from one trunk call."""
+    import torch
+
+    with torch.no_grad(), _autocast(ctx):
+        trunk = ctx.model.text_trunk_output(statements)
+        pooled = trunk.pooled.float().cpu()
+        tails = [ctx.model.heads[k].text.tail(trunk).float().cpu() for k in ctx.model.platforms]
+    return [(pooled[i], [t[i] for t in tails]) for i in range(len(statements))]
+
+
+def _cached(ctx: StepContext, groups: list[list[str]], compute) -> dict[str, Any]:
+    unique = sorted({s for g in groups for s in g})
+    return dict(zip(unique, ctx.cache.get(unique, partial(compute, ctx)), strict=True))
+
+
+def _group_mean(features: dict[str, torch.Tensor], groups: list[list[str]]) -> torch.Tensor:
+    """A multi-statement text is the mean of its statements' features."""
+    import torch
+
+    return torch.stack([torch.stack([features[s] for s in g]).mean(0) for g in groups])
+
+
+def _statement_text(ctx: StepContext, groups: list[list[str]]) -> torch.Tensor:
+    """Unit embeddings of multi-statement texts: each distinct statement goes through the head's text layers once
+    per step from its cached trunk output (or, with locked text layers, its cached pooled feature), a text is
+    the mean of its statements' pooled features, then the projection."""
+    import torch.nn.functional as F
+
+    from geoloc_ray.model import TextTrunkOutput
+
+    head = ctx.model.heads[ctx.job.head].text
+    if ctx.job.text_layers:
+        trunk = _cached(ctx, groups, _trunk_outputs)
+        unique = sorted(trunk)
+        with _autocast(ctx):
+            pooled = head.tail(TextTrunkOutput.cat([trunk[s] for s in unique]).to(ctx.device)).float()
+        features = dict(zip(unique, pooled, strict=True))
+    else:
+        features = {s: f.to(ctx.device) for s, f in _cached(ctx, groups, _tail_features).items()}
+    return F.normalize(head.proj(_group_mean(features, groups)), dim=-1)
+
+
+def _expert_gallery(ctx: StepContext, pixels: np.ndarray) -> list[torch.Tensor]:
+    import torch
+
+    x = ctx.preprocess(pixels).to(ctx.device)  # no augmentation: a fixed gallery
+    with torch.no_grad(), _autocast(ctx):
+        trunk = ctx.model.image_trunk_output(x)
+        return [ctx.model.image_head(k, trunk).float() for k in ctx.model.platforms]
+
+
+def _accuracy(text: torch.Tensor, image: torch.Tensor) -> float:
+    import torch
+
+    with torch.no_grad():
+        hits = (text @ image[: len(text)].T).argmax(1).eq(torch.arange(len(text), device=text.device))
+        return float(hits.float().mean())
+
+
+# ----- losses per kind -------------------------------------------------------------------------------------------
+def pairs_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+    from geoloc_ray.train.batches import location_codes
+    from geoloc_ray.train.losses import info_nce
+
+    pixels = _pixels(ctx, batch["pixels"], batch["platform"])
+    if ctx.cfg.train.text_composition == "tokens" and ctx.job.text_layers:
+        with _autocast(ctx):
+            t = _query_text(ctx, ctx.sampler.texts(batch["texts"]))
+            v = _image(ctx, pixels)
+    else:
+        t = _statement_text(ctx, ctx.sampler.statements(batch["texts"]))
+        with _autocast(ctx):
+            v = _image(ctx, pixels)
+    t, v = t.float(), v.float()
+    (locs,) = location_codes(batch["location_id"])
+    return info_nce(t, v, locs.to(ctx.device), ctx.cfg.train.temperature), _accuracy(t, v)
+
+
+def triplets_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+    from geoloc_ray.train.batches import location_codes
+    from geoloc_ray.train.losses import info_nce
+
+    pos, neg = batch["pixels"], batch["neg_pixels"]
+    b, n = neg.shape[:2]
+    platforms = np.concatenate([batch["platform"], np.repeat(batch["platform"], n)])
+    pixels = _pixels(ctx, np.concatenate([pos, neg.reshape(b * n, *neg.shape[2:])]), platforms)
+    with _autocast(ctx):
+        t = _query_text(ctx, [str(q) for q in batch["query"]])
+        v_all = _image(ctx, pixels)
+    t, v_all = t.float(), v_all.float()
+    v, hard = v_all[:b], v_all[b:]
+    locs, hard_locs = location_codes(batch["location_id"], batch["neg_location_ids"])
+    loss = info_nce(t, v, locs.to(ctx.device), ctx.cfg.train.temperature, hard, hard_locs.to(ctx.device))
+    return loss, _accuracy(t, v)
+
+
+def platform_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+    import torch
+
+    from geoloc_ray.train.losses import gate_loss
+
+    idx = batch["rows"]
+    groups = ctx.sampler.statements(ctx.rows["texts"][idx])
+    x = _group_mean(_cached(ctx, groups, _trunk_features), groups).to(ctx.device)
+    y = torch.as_tensor([ctx.model.platforms.index(p) for p in ctx.rows["platform"][idx]], device=ctx.device)
+    logits = ctx.model.gate.logits(x)
+    return gate_loss(logits, y), float(logits.argmax(1).eq(y).float().mean())
+
+
+def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+    """Each query against the whole held-out gallery under S = sum_k g_k S_k; any image of its location counts."""
+    import torch
+    import torch.nn.functional as F
+
+    from geoloc_ray.train.losses import fused_logits, multi_positive_nce
+
+    idx = batch["rows"]
+    groups = ctx.sampler.statements(ctx.rows["texts"][idx])
+    features = _cached(ctx, groups, _fused_features)
+    x = _group_mean({s: f[0] for s, f in features.items()}, groups).to(ctx.device)
+    with torch.no_grad():
+        queries = [F.normalize(ctx.model.heads[name].text.proj(
+                       _group_mean({s: f[1][k] for s, f in features.items()}, groups).to(ctx.device)), dim=-1)
+                   for k, name in enumerate(ctx.model.platforms)]
+    per_expert = torch.stack([q @ g.T for q, g in zip(queries, ctx.gallery, strict=True)], dim=1)
+    logits = fused_logits(ctx.model.gate(x), per_expert, ctx.cfg.train.temperature)
+    locations = ctx.rows["location_id"]
+    positives = torch.as_tensor(locations[idx][:, None] == locations[None], device=logits.device)
+    top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
+    return multi_positive_nce(logits, positives), float(top1)

@@ -1,0 +1,41 @@
+"""The kinds of training job, in the one table both the worker loop and the recipe read.
+
+Per kind: what trains (the job's head, or the gate), which heads of the starting model it keeps, the Ray Dataset
+the recipe builds for it, and the worker's batch source and loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from geoloc_ray.train import data, steps
+
+
+@dataclass(frozen=True)
+class Kind:
+    trains_gate: bool  # the gate learns; otherwise the job's head (and the image trunk when the job says so)
+    fresh_gate: bool  # add a new gate to the starting model (the platform gate learns from scratch)
+    all_heads: bool  # keep every head of the starting model (the fused loss scores through all experts)
+    dataset: Callable[[data.Source, int], Any]  # driver: (rows, image size) -> the Ray Dataset sharded to workers
+    batches: Callable[[steps.StepContext, int], Iterator[Any]]  # worker: (context, epoch) -> batches
+    loss: Callable[[steps.StepContext, Any], steps.Loss]  # worker: (context, batch) -> (loss, batch accuracy)
+
+
+KINDS: dict[str, Kind] = {
+    "pairs": Kind(trains_gate=False, fresh_gate=False, all_heads=False, dataset=data.pairs_dataset,
+                  batches=steps.shard_batches, loss=steps.pairs_loss),
+    "triplets": Kind(trains_gate=False, fresh_gate=False, all_heads=False, dataset=data.triplets_dataset,
+                     batches=steps.shard_batches, loss=steps.triplets_loss),
+    "gate": Kind(trains_gate=True, fresh_gate=True, all_heads=False, dataset=data.texts_dataset,
+                 batches=steps.gate_batches, loss=steps.platform_gate_loss),
+    "gate_fused": Kind(trains_gate=True, fresh_gate=False, all_heads=True, dataset=data.pairs_dataset,
+                       batches=steps.fused_batches, loss=steps.fused_gate_loss),
+}
+
+
+def kind_of(name: str) -> Kind:
+    if name not in KINDS:
+        raise ValueError(f"unknown job kind {name!r}; expected one of {sorted(KINDS)}")
+    return KINDS[name]
