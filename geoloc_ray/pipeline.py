@@ -74,16 +74,21 @@ def ensure_world(cfg: Config, locations: int | None, seed: int | None) -> dict[s
     if io.exists(stamp) and all(io.read_json(stamp).get(k) == v for k, v in want.items()):
         log.info("demo: world at %s is up to date", cfg.data.root)
         return io.read_json(stamp)
-    summary = synth_from_config(synth, cfg.data.root)
+    from geoloc_ray.console import progress
+
+    summary = synth_from_config(synth, cfg.data.root, progress=progress() is None)  # quiet: the one line shows it
     io.write_json(stamp, {**want, "summary": summary})
     return summary
 
 
 def run_demo(cfg: Config, locations: int | None = None, seed: int | None = None) -> str:
     """Synthesize a world, run the pipeline and return the ablation table with stage timings."""
+    from geoloc_ray.console import progress
     from geoloc_ray.eval.report import ladder_table, platform_table
 
     t0 = time.perf_counter()
+    if progress() is not None:
+        progress().start_stage("synth", 0, len(STAGES), None)
     log.info("demo: synthesizing the world at %s", cfg.data.root)
     ensure_world(cfg, locations, seed)
     synth_s = time.perf_counter() - t0
