@@ -1,13 +1,13 @@
-"""GPU row: image-tower embedding throughput (images/s) and its fraction of the GPU's bf16 peak.
+"""Embedding actor throughput: `embedding.ImageEmbedder` itself (what index, mining, eval and submit run on their
+actors) on random-weight EVA02-L-14 @ 384 px, on the GPU when there is one, and its fraction of the bf16 peak.
 
-Runs the production image path of the project (EVA02-L-14 at 384 px through open_clip, split by
-`geoloc_ray.model.image_tower` into the shared trunk and three expert tails, i.e. what `gallery_vectors` runs
-for indexing) with random weights (no model hub on the device), in bf16 autocast. FLOPs per image are counted
-with torch's FlopCounterMode; the fraction is measured FLOP/s over the datasheet's dense bf16 peak (990 TFLOP/s
-for an H200 SXM) and over a bf16 matmul measured in the same run.
+The model (trunk + three expert image heads, random init: no model hub on the device) is saved once and loaded
+by the actor class the way a Ray actor loads it, on the device it was given (`embedding.given_device`), with the
+actor's bf16 and `torch.compile` settings. Batches are `{"pixels": uint8}` (decoding is timed apart, on the
+actor's decode threads). FLOPs per image come from torch's FlopCounterMode over the same call.
 
-    python bench/gpu_embedding.py --out DIR            # on a GPU machine (the device tool)
-    python bench/gpu_embedding.py --quick              # CPU smoke test with a tiny EVA config
+    python bench/gpu_embedding.py --out DIR                 # GPU machine: EVA02-L-14 @ 384, batches 64..256
+    python bench/gpu_embedding.py --device cpu --quick      # CPU smoke run on a tiny EVA (tests run this)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,60 +24,60 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DATASHEET_BF16_TFLOPS = {"H200": 990.0, "H100": 990.0, "A100": 312.0}
+PLATFORMS = ["satellite", "drone", "ground"]
 
 
-def build_path(model_name: str, image_size: int, expert_layers: int, device: str):
-    """The trunk + three expert tails + projections, as the project builds them (random init)."""
-    import torch
+def saved_model(folder: str, model_name: str, image_size: int, expert_layers: int, embed_dim: int) -> str:
+    """A random-weight PE-MoE model with this image tower, saved where the actor class can load it."""
+    from geoloc_ray.config import ImageTowerConfig, ModelConfig
+    from geoloc_ray.model import build_model, save_model
 
-    from geoloc_ray.config import ImageTowerConfig
-    from geoloc_ray.model.heads import TowerHead
-    from geoloc_ray.model.image_tower import build_visual, split_visual
-    from geoloc_ray.model.text_tower import clone_tail
-
-    cfg = ImageTowerConfig(model_name=model_name, image_size=image_size, expert_layers=expert_layers)
-    visual, _ = build_visual(cfg, "cpu", load_weights=False)
-    trunk, tail = split_visual(visual, expert_layers)
-    heads = torch.nn.ModuleList([TowerHead(clone_tail(tail), 1024) for _ in range(3)])
-    return visual.to(device).eval(), trunk.to(device).eval(), heads.to(device).eval()
+    cfg = ModelConfig(image=ImageTowerConfig(model_name=model_name, image_size=image_size,
+                                             expert_layers=expert_layers), embed_dim=embed_dim)
+    uri = str(Path(folder) / "moe")
+    save_model(build_model(cfg, heads=PLATFORMS, gate=False, seed=0, image_pretrained=False), uri)
+    return uri
 
 
-def gallery_forward(trunk, heads, x):
-    out = trunk(x)
-    return [h(out) for h in heads]
-
-
-def timed(fn, x, device: str, warmup: int, iters: int, autocast: bool = True) -> float:
-    import torch
-
-    with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
-        for _ in range(warmup):
-            fn(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn(x)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+def timed_calls(embedder, batch: dict, iters: int, warmup: int) -> float:
+    """Seconds per call of the actor on one batch (GPU work synchronised: the call returns numpy)."""
+    for _ in range(warmup):
+        embedder(dict(batch))
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        embedder(dict(batch))
     return (time.perf_counter() - t0) / iters
 
 
-def flops_per_image(fn, x, device: str) -> float:
-    import torch
+def flops_per_image(embedder, batch: dict) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16), counter:
-        fn(x)
-    return counter.get_total_flops() / len(x)
+    with counter:
+        embedder(dict(batch))
+    return counter.get_total_flops() / len(batch["pixels"])
 
 
-def matmul_tflops(device: str, n: int = 8192, iters: int = 10) -> float:
+def decode_rate(embedder, folder: str, n: int, size: int) -> float:
+    """Images/s of the actor's threaded JPEG decode (`ImageEmbedder._decode`) at the tower's input size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    uris = []
+    for i in range(n):
+        uris.append(str(Path(folder) / f"{i}.jpg"))
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(uris[-1], quality=90)
+    t0 = time.perf_counter()
+    embedder._decode(uris)
+    return n / (time.perf_counter() - t0)
+
+
+def matmul_tflops(n: int = 8192, iters: int = 10) -> float:
     import torch
 
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):
         a @ b
     torch.cuda.synchronize()
@@ -88,56 +89,59 @@ def matmul_tflops(device: str, n: int = 8192, iters: int = 10) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CPU smoke test with the tiny EVA config")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="cpu hides the GPUs (as Ray does for an actor given none)")
+    p.add_argument("--quick", action="store_true", help="tiny EVA at 64 px, one small batch")
     p.add_argument("--batches", default="64,128,256")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--variants", default="bf16,bf16+compile", help="actor settings: index.bf16 / index.compile")
+    p.add_argument("--decode-threads", type=int, default=4)
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "out")))
-    p.add_argument("--variants", default="autocast,bf16,bf16+compile",
-                   help="autocast: fp32 weights under bf16 autocast (what the project runs); bf16: weights cast "
-                        "to bf16; +compile: torch.compile")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
-    name, size, layers = ("geoloc-eva-tiny", 64, 1) if args.quick else ("EVA02-L-14", 384, 4)
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    import numpy as np
+    import torch
+
+    from geoloc_ray.embedding import ImageEmbedder, given_device
+
+    device = given_device()
+    name, size, layers, dim = ("geoloc-eva-tiny", 64, 1, 64) if args.quick else ("EVA02-L-14", 384, 4, 1024)
     batches = [4] if args.quick else [int(b) for b in args.batches.split(",")]
-    visual, trunk, heads = build_path(name, size, layers, device)
+    iters, warmup = (1, 1) if args.quick else (args.iters, 3)
     result: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "model": name,
-                    "image_size": size, "torch": torch.__version__, "runs": []}
-    per_image = {}
-    x0 = torch.randn(2, 3, size, size, device=device)
-    per_image["visual tower"] = flops_per_image(visual, x0, device)
-    per_image["trunk + 3 expert tails"] = flops_per_image(lambda t: gallery_forward(trunk, heads, t), x0, device)
-    for variant in args.variants.split(","):
-        if "bf16" in variant and not args.quick:
-            visual, trunk, heads = visual.to(torch.bfloat16), trunk.to(torch.bfloat16), heads.to(torch.bfloat16)
-        paths = {"visual tower": visual,
-                 "trunk + 3 expert tails": lambda t, tr=trunk, hs=heads: gallery_forward(tr, hs, t)}
-        if "compile" in variant:
-            paths = {k: torch.compile(v) for k, v in paths.items()}
-        for bs in batches:
-            x = torch.randn(bs, 3, size, size, device=device)
-            x = x.to(torch.bfloat16) if "bf16" in variant and not args.quick else x
-            for label, fn in paths.items():
-                seconds = timed(fn, x, device, warmup=2 if args.quick else 5, iters=1 if args.quick else args.iters,
-                                autocast=variant == "autocast")
-                result["runs"].append({"path": label, "variant": variant, "batch": bs, "images_per_s": bs / seconds,
-                                       "gflops_per_image": per_image[label] / 1e9,
-                                       "tflops": per_image[label] * bs / seconds / 1e12})
+                    "image_size": size, "torch": torch.__version__, "code": "geoloc_ray.embedding.ImageEmbedder",
+                    "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = saved_model(tmp, name, size, layers, dim)
+        for variant in args.variants.split(","):
+            embedder = ImageEmbedder({"embedding": (uri, PLATFORMS)}, bf16="bf16" in variant,
+                                     compile="compile" in variant, decode_threads=args.decode_threads)
+            rng = np.random.default_rng(0)
+            for bs in batches:
+                batch = {"pixels": rng.integers(0, 255, (bs, size, size, 3), dtype=np.uint8)}
+                seconds = timed_calls(embedder, batch, iters, warmup)
+                flops = flops_per_image(embedder, batch) if "compile" not in variant else None
+                result["runs"].append({"variant": variant, "batch": bs, "actor_device": embedder.device,
+                                       "images_per_s": bs / seconds, "gflops_per_image": (flops or 0) / 1e9})
+        result["decode_images_per_s"] = decode_rate(embedder, tmp, 16 if args.quick else 256, size)
+    gflops = max(r["gflops_per_image"] for r in result["runs"])
+    for run in result["runs"]:
+        run["gflops_per_image"] = run["gflops_per_image"] or gflops  # compile hides ops from the counter
+        run["tflops"] = run["images_per_s"] * run["gflops_per_image"] / 1e3
     if device == "cuda":
-        result["matmul_bf16_tflops"] = matmul_tflops(device)
+        result["matmul_bf16_tflops"] = matmul_tflops()
         peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in result["device"]), None)
         result["datasheet_bf16_tflops"] = peak
         for run in result["runs"]:
             run["fraction_of_datasheet_peak"] = run["tflops"] / peak if peak else None
             run["fraction_of_measured_matmul"] = run["tflops"] / result["matmul_bf16_tflops"]
     for run in result["runs"]:
-        print(f"{run['path']:24s} {run['variant']:13s} batch {run['batch']:4d}: {run['images_per_s']:9.1f} img/s "
-              f"{run['gflops_per_image']:7.1f} GFLOP/img {run['tflops']:8.2f} TFLOP/s "
-              f"{run.get('fraction_of_datasheet_peak') or 0:.1%} of peak")
-    print(f"bf16 matmul 8192^3: {result.get('matmul_bf16_tflops', 0):.0f} TFLOP/s; datasheet peak "
-          f"{result.get('datasheet_bf16_tflops')}")
+        print(f"ImageEmbedder {run['variant']:13s} on {run['actor_device']:4s} batch {run['batch']:4d}: "
+              f"{run['images_per_s']:9.1f} img/s {run['gflops_per_image']:7.1f} GFLOP/img {run['tflops']:8.2f} "
+              f"TFLOP/s {run.get('fraction_of_datasheet_peak') or 0:.1%} of peak")
+    print(f"decode ({args.decode_threads} threads): {result['decode_images_per_s']:.0f} img/s")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_embedding.json").write_text(json.dumps(result, indent=2))
     return result

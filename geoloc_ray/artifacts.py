@@ -102,6 +102,11 @@ def index_build(run: Config | str, build_id: str) -> str:
     return io.join(index_dir(run), build_id)
 
 
+def index_embeddings(build_uri: str) -> str:
+    """The build's gallery embeddings as Ray Data wrote them (a parquet folder, one file per written block)."""
+    return io.join(build_uri, "embeddings")
+
+
 # eval
 def eval_dir(run: Config | str) -> str:
     return artifact(run, "eval")
@@ -109,6 +114,34 @@ def eval_dir(run: Config | str) -> str:
 
 def metrics(run: Config | str) -> str:
     return io.join(eval_dir(run), "metrics.json")
+
+
+def per_query(run: Config | str) -> str:
+    """Per-query location-level hits of every variant (what the multi-seed ladder resamples)."""
+    return io.join(eval_dir(run), "per_query.parquet")
+
+
+# ladder (several seeded runs side by side, beside the run's own folder: artifacts/demo -> artifacts/<name>)
+def ladder_dir(run: Config | str, name: str) -> str:
+    base = root(run).rstrip("/")
+    parent = base.rsplit("/", 1)[0] if "/" in base.split("://", 1)[-1] else base  # a bucket root: inside it
+    return io.join(parent, name)
+
+
+def ladder_seed_run(ladder_uri: str, seed: int) -> str:
+    return io.join(ladder_uri, f"seed-{seed}")
+
+
+def ladder_json(ladder_uri: str) -> str:
+    return io.join(ladder_uri, "ladder.json")
+
+
+def ladder_markdown(ladder_uri: str) -> str:
+    return io.join(ladder_uri, "ladder.md")
+
+
+def ladder_plot(ladder_uri: str) -> str:
+    return io.join(ladder_uri, "ladder.png")
 
 
 # pipeline bookkeeping and logs

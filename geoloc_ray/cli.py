@@ -20,7 +20,7 @@ from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config, ConfigError, load_config
 from geoloc_ray.stages import BY_NAME
 
-QUIET_COMMANDS = ("pipeline", "demo")  # long runs: one progress line on screen, the rest in logs/
+QUIET_COMMANDS = ("pipeline", "demo", "ladder")  # long runs: one progress line on screen, the rest in logs/
 
 HELP = {
     "synth": "generate a procedural multi-platform world in the GeoText-1652 layout",
@@ -28,6 +28,7 @@ HELP = {
     "serve": "start the Ray Serve application (HTTP API + search page) for a trained run",
     "submit": "write a RoboSense Track 4 submission.txt for a queries file and a flat gallery",
     "demo": "synthesize a world, run the whole pipeline on it and print the ablation table",
+    "ladder": "train and evaluate the ladder over several seeds; means, intervals and paired rung differences",
 }
 
 
@@ -64,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help=HELP["demo"])
     _add_config_args(p)
     _add_world_args(p)
+    p = sub.add_parser("ladder", help=HELP["ladder"])
+    _add_config_args(p)
+    p.add_argument("--seeds", type=_seed_list, default=None, help="e.g. 0,1,2 (default: ladder.seeds)")
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds wants comma-separated integers, got {text!r}") from None
 
 
 def _print(result: Any) -> None:
@@ -105,7 +116,14 @@ def _demo(cfg: Config, args: argparse.Namespace) -> Any:
     return run_demo(cfg, locations=args.locations, seed=args.seed)
 
 
-COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo}
+def _ladder(cfg: Config, args: argparse.Namespace) -> Any:
+    from geoloc_ray.ladder import run_ladder
+
+    return run_ladder(cfg, seeds=args.seeds)
+
+
+COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo,
+            "ladder": _ladder}
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Any:

@@ -4,11 +4,17 @@ the Ray Data callables that run them on an actor pool.
 Pixels are uint8 (N, H, W, 3) at the tower's input size everywhere outside the model; the conversion to the
 tower's normalised float input lives here, once. This module sits below train/eval: what it does to pixels
 besides decoding (eval's corruptions) is passed in as callables.
+
+The actor classes run on the device Ray gave them: a GPU actor (`index.actor_num_gpus > 0`) computes under bf16
+autocast (and `torch.compile` when `index.compile`), a CPU actor in fp32 as before; images are decoded on a small
+thread pool beside the model.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -38,15 +44,51 @@ def input_size(model) -> int:
     return image_preprocess(model).size
 
 
-def image_vectors(model, pixels: np.ndarray, heads: Sequence[str]) -> np.ndarray:
+def ray_withheld_gpus() -> bool:
+    """True in a Ray worker (task / actor / replica) that was assigned no GPU. Ray 2.60 leaves
+    CUDA_VISIBLE_DEVICES alone for such workers, so torch and faiss would still see the node's GPUs."""
+    ray = sys.modules.get("ray")  # imported by any Ray worker; never imported here just to ask
+    if ray is None or not ray.is_initialized():
+        return False
+    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE and not ray.get_gpu_ids()
+
+
+def given_device() -> str:
+    """The device this process was given: in a Ray worker a GPU only when Ray assigned one (`num_gpus`, which
+    also sets CUDA_VISIBLE_DEVICES to it); elsewhere any GPU torch sees. Never a config guess."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not ray_withheld_gpus() else "cpu"
+
+
+def autocast(device: str, bf16: bool):
+    """bf16 autocast on a GPU when asked; on the CPU a no-op (fp32, the outputs the CPU path always gave)."""
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") else nullcontext()
+
+
+def compile_image_path(model, heads: Sequence[str]) -> None:
+    """torch.compile the image trunk and the heads' image parts in place (GPU actors with `index.compile`)."""
+    import torch
+
+    model.image_trunk = torch.compile(model.image_trunk)
+    for h in heads:
+        model.heads[h].image = torch.compile(model.heads[h].image)
+
+
+def image_vectors(model, pixels: np.ndarray, heads: Sequence[str], bf16: bool = False) -> np.ndarray:
     """concat_k v_k(I) for the given heads, float32 (N, K * D): one trunk pass for all heads."""
     import torch
 
     if not len(pixels):
         return np.zeros((0, len(heads) * model.model_cfg.embed_dim), np.float32)
-    with torch.no_grad():
-        trunk = model.image_trunk_output(model_pixels(model, pixels).to(model.device))
-        return torch.cat([model.image_head(h, trunk) for h in heads], dim=1).cpu().numpy().astype(np.float32)
+    device = model.device
+    with torch.no_grad(), autocast(device.type, bf16):
+        x = model_pixels(model, pixels)
+        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+        trunk = model.image_trunk_output(x)
+        return torch.cat([model.image_head(h, trunk) for h in heads], dim=1).float().cpu().numpy()
 
 
 def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = None, weights: str | None = "gate",
@@ -66,11 +108,11 @@ def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = Non
         for start in range(0, len(texts), batch_size):
             trunk = model.text_trunk_output(list(texts[start : start + batch_size]))
             if weights is None:
-                vecs.append(model.text_head(names[0], trunk).cpu().numpy())
+                vecs.append(model.text_head(names[0], trunk).float().cpu().numpy())
             else:
-                vecs.append(model.fused_query(trunk, weights=weights, heads=names).cpu().numpy())
+                vecs.append(model.fused_query(trunk, weights=weights, heads=names).float().cpu().numpy())
             if with_gate:
-                gates.append(model.gate(trunk).cpu().numpy())
+                gates.append(model.gate(trunk).float().cpu().numpy())
     dim = model.model_cfg.embed_dim * (1 if weights is None else len(names))
     out = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32)
     return QueryVectors(out, np.concatenate(gates) if gates else None)
@@ -81,32 +123,64 @@ def view_column(column: str, view: str) -> str:
     return f"{column}@{view}"
 
 
-class ImageEmbedder:
-    """`map_batches` callable: rows with `image_uri` (or `pixels`) -> one embedding column per model.
+class _Embedder:
+    """Model loading shared by the actor classes: onto the device this actor was given, in eval mode."""
 
-    `models` maps an output column to (model URI, heads); each image is decoded once for all of them, and each
-    of `views` (name -> pixel transform) adds a column per model (`view_column`). Rows whose image cannot be
-    decoded are dropped (and logged): an embedding is never made up.
-    """
+    def __init__(self, storage: dict | None, torch_threads: int, bf16: bool):
+        import torch
 
-    def __init__(self, models: dict[str, tuple[str, Sequence[str]]], storage: dict | None = None,
-                 torch_threads: int = 1, views: Mapping[str, PixelView] | None = None):
+        io.use_storage_options(storage)
+        torch.set_num_threads(torch_threads)
+        self.device, self.bf16 = given_device(), bf16
+
+    def _load(self, uri: str):
+        """The model on this actor's device; on a GPU with `bf16`, its weights in bf16 too (autocast alone leaves
+        fp32 weights to be cast at every layer: about 2.6x slower for EVA02-L, docs/BENCHMARKS.md)."""
         import torch
 
         from geoloc_ray.model import load_model
 
-        io.use_storage_options(storage)
-        torch.set_num_threads(torch_threads)
-        self.models = {col: (load_model(uri).eval(), list(heads)) for col, (uri, heads) in models.items()}
+        model = load_model(uri, device=self.device).eval()
+        return model.to(torch.bfloat16) if self.bf16 and self.device == "cuda" else model
+
+
+class ImageEmbedder(_Embedder):
+    """`map_batches` callable: rows with `image_uri` (or `pixels`) -> one embedding column per model.
+
+    `models` maps an output column to (model URI, heads); each image is decoded once for all of them (on
+    `decode_threads` threads), and each of `views` (name -> pixel transform) adds a column per model
+    (`view_column`). Rows whose image cannot be decoded are dropped (and logged): an embedding is never made up.
+    """
+
+    def __init__(self, models: dict[str, tuple[str, Sequence[str]]], storage: dict | None = None,
+                 torch_threads: int = 1, views: Mapping[str, PixelView] | None = None, bf16: bool = True,
+                 compile: bool = False, decode_threads: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        super().__init__(storage, torch_threads, bf16)
+        self.models = {col: (self._load(uri), list(heads)) for col, (uri, heads) in models.items()}
+        if compile and self.device == "cuda":
+            for model, heads in self.models.values():
+                compile_image_path(model, heads)
         self.size = input_size(next(iter(self.models.values()))[0])
         self.views = dict(views or {})
+        self.decode_threads = decode_threads
+        self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
+
+    def _decode(self, uris: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """decode_pixels over the uris, split across the decode threads (PIL releases the GIL while decoding)."""
+        if self._pool is None or len(uris) < 2:
+            return decode_pixels(uris, self.size)
+        chunks = [c for c in np.array_split(np.asarray(uris, dtype=object), self.decode_threads) if len(c)]
+        parts = list(self._pool.map(lambda c: decode_pixels(list(c), self.size), chunks))
+        return np.concatenate([p[0] for p in parts]), [ok for p in parts for ok in p[1]]
 
     def _decoded(self, batch: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
         """Pixels of the decodable rows, and those rows' other columns."""
         if "pixels" in batch:
             pixels, keep = batch["pixels"], np.ones(len(batch["pixels"]), dtype=bool)
         else:
-            pixels, ok = decode_pixels(batch["image_uri"], self.size)
+            pixels, ok = self._decode(list(batch["image_uri"]))
             keep = np.asarray(ok, dtype=bool)
             pixels = pixels[keep]
         return pixels, {k: np.asarray(v)[keep] for k, v in batch.items() if k != "pixels"}
@@ -117,21 +191,17 @@ class ImageEmbedder:
         views = {None: pixels} | {name: view(pixels) if len(pixels) else pixels for name, view in self.views.items()}
         for column, (model, heads) in self.models.items():
             for name, px in views.items():
-                out[column if name is None else view_column(column, name)] = image_vectors(model, px, heads)
+                out[column if name is None else view_column(column, name)] = image_vectors(model, px, heads, self.bf16)
         return out
 
 
-class TextEmbedder:
+class TextEmbedder(_Embedder):
     """`map_batches` callable: rows with `query` and `platform` -> `embedding` from that platform's expert."""
 
-    def __init__(self, models: dict[str, tuple[str, str]], storage: dict | None = None, torch_threads: int = 1):
-        import torch
-
-        from geoloc_ray.model import load_model
-
-        io.use_storage_options(storage)
-        torch.set_num_threads(torch_threads)
-        self.models = {platform: (load_model(uri).eval(), head) for platform, (uri, head) in models.items()}
+    def __init__(self, models: dict[str, tuple[str, str]], storage: dict | None = None, torch_threads: int = 1,
+                 bf16: bool = True):
+        super().__init__(storage, torch_threads, bf16)
+        self.models = {platform: (self._load(uri), head) for platform, (uri, head) in models.items()}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         queries = np.asarray([str(q) for q in batch["query"]], dtype=object)
@@ -143,7 +213,8 @@ class TextEmbedder:
         for platform, (model, head) in self.models.items():
             rows = np.flatnonzero(platforms == platform)
             if len(rows):
-                vecs = query_vectors(model, list(queries[rows]), [head], weights=None).vectors
+                with autocast(self.device, self.bf16):
+                    vecs = query_vectors(model, list(queries[rows]), [head], weights=None).vectors
                 out = np.zeros((len(queries), vecs.shape[1]), np.float32) if out is None else out
                 out[rows] = vecs
         batch["embedding"] = out
@@ -157,17 +228,26 @@ def _actor_args(ic: IndexConfig) -> dict[str, Any]:
             "num_gpus": ic.actor_num_gpus or None, "batch_format": "numpy"}
 
 
+def _runtime_kwargs(ic: IndexConfig) -> dict[str, Any]:
+    return {"storage": io.storage_options(), "torch_threads": ic.torch_threads, "bf16": ic.bf16}
+
+
+def embedding_dataset(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConfig,
+                      views: Mapping[str, PixelView] | None = None):
+    """The lazy Ray Dataset of image rows + one embedding column per model (and view): stream it to storage."""
+    return ds.map_batches(ImageEmbedder, batch_size=ic.batch_size, **_actor_args(ic),
+                          fn_constructor_kwargs={"models": models, "views": dict(views or {}), "compile": ic.compile,
+                                                 "decode_threads": ic.decode_threads, **_runtime_kwargs(ic)})
+
+
 def embed_images(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConfig,
                  views: Mapping[str, PixelView] | None = None):
-    """Ray Data actor pool over image rows -> pandas frame with one embedding column per model (and view)."""
-    ds = ds.map_batches(ImageEmbedder, batch_size=ic.batch_size, **_actor_args(ic),
-                        fn_constructor_kwargs={"models": models, "storage": io.storage_options(),
-                                               "views": dict(views or {})})
-    return ds.to_pandas()
+    """`embedding_dataset` collected as a pandas frame (test-gallery sized callers: eval, submit)."""
+    return embedding_dataset(ds, models, ic, views).to_pandas()
 
 
 def embed_texts(ds, models: dict[str, tuple[str, str]], ic: IndexConfig):
     """Ray Data actor pool over `query`/`platform` rows -> pandas frame with an `embedding` column."""
     ds = ds.map_batches(TextEmbedder, batch_size=256, **_actor_args(ic),
-                        fn_constructor_kwargs={"models": models, "storage": io.storage_options()})
+                        fn_constructor_kwargs={"models": models, **_runtime_kwargs(ic)})
     return ds.to_pandas()

@@ -38,7 +38,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("index", run_index, ("index",), artifacts.index_latest,
           "embed the gallery with the experts and build the faiss index -> index/"),
     Stage("eval", run_eval, ("eval",), artifacts.metrics,
-          "recall@K of the four variants, per platform and under corruptions -> eval/"),
+          "recall@K of the ladder variants and routing diagnostics, per platform and under corruptions -> eval/"),
 )
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 

@@ -69,7 +69,9 @@ def test_cluster_launcher_config_passes_rays_schema() -> None:
     gpu = [t["node_config"]["InstanceType"] for t in workers.values()
            if re.match(r"(g5|g6|p4d|p5)\.", t["node_config"]["InstanceType"])]
     assert len(gpu) >= 2  # training and caption refinement
-    assert any(re.search(r"pip install .*-e '?/home/ray/geoloc_ray\[(cpu|gpu)\]", c) for c in raw["setup_commands"])
+    # faiss-gpu on the CUDA worker image, faiss-cpu on the CPU head: exactly one faiss build per node
+    assert any(re.search(r"pip install .*-e '?/home/ray/geoloc_ray\[gpu\]", c) for c in raw["worker_setup_commands"])
+    assert any(re.search(r"pip install .*-e '?/home/ray/geoloc_ray\[cpu\]", c) for c in raw["head_setup_commands"])
     assert raw["file_mounts"]["/home/ray/geoloc_ray"] == "."
     assert {".venv", "artifacts", "data"} <= set(raw["rsync_exclude"])
 

@@ -18,7 +18,7 @@ import pytest
 from tests.ray_cluster import JOB_TIMEOUT_S, REPO, LocalCluster, start_head, wait_for_job
 
 JOB_SCRIPTS = {"synth": "synth", "prepare": "prepare", "refine_captions": "refine", "train": "train",
-               "index": "index", "eval": "eval", "pipeline": "pipeline"}
+               "index": "index", "eval": "eval", "pipeline": "pipeline", "ladder": "ladder"}
 # Every training round runs, one epoch each; one corruption keeps that path covered.
 TINY = ["train.stage0.epochs=1", "train.stage1.epochs=1", "train.stage2.epochs=1", "train.gate.epochs=1",
         "eval.corruptions=[blur]", "eval.severities=[1]", "eval.plots=false"]
@@ -46,7 +46,7 @@ def test_job_script_is_the_cli_command(script: str, command: str) -> None:
 
 
 def check_metrics_shape(metrics: dict) -> None:
-    assert set(metrics["variants"]) == VARIANTS
+    assert VARIANTS <= set(metrics["variants"])  # the ladder; diagnostics and moe_places come on top
     for name, variant in metrics["variants"].items():
         for level in ("location", "image"):
             assert set(variant[level]) == RECALLS, (name, level)

@@ -109,3 +109,46 @@ def test_decode_pixels_reports_broken_and_missing_files(tmp_path: Path):
     pixels, ok = decode_pixels([tmp_path / "ok.jpg", tmp_path / "bad.jpg", tmp_path / "missing.jpg"], 8)
     assert ok == [True, False, False]
     assert pixels.shape == (3, 8, 8, 3) and pixels.dtype == np.uint8 and not pixels[1:].any()
+
+
+def test_embedding_actor_uses_the_device_it_was_given(saved_moe, ray_session, monkeypatch):
+    """CPU here (no GPU, or a Ray worker given none); CUDA only when torch sees one and Ray did not withhold it."""
+    import ray
+
+    from geoloc_ray import embedding
+
+    embedder = embedding.ImageEmbedder({"emb": (saved_moe, PLATFORMS)}, bf16=True, compile=True)
+    assert embedder.device == "cpu" and next(iter(embedder.models.values()))[0].device.type == "cpu"
+    assert ray.get(ray.remote(num_cpus=0.1)(embedding.ray_withheld_gpus).remote())  # a worker given no GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert embedding.given_device() == "cuda"  # the driver (or a process outside Ray) takes what torch sees
+    monkeypatch.setattr(embedding, "ray_withheld_gpus", lambda: True)
+    assert embedding.given_device() == "cpu"
+
+
+def test_decode_threads_keep_row_order_and_drop_the_same_rows(saved_moe, tmp_path: Path):
+    from geoloc_ray.embedding import ImageEmbedder
+
+    uris = []
+    for i in range(7):
+        write_jpeg(tmp_path / f"{i}.jpg", (30 * i, 200 - 20 * i, 90), 40)
+        uris.append(str(tmp_path / f"{i}.jpg"))
+    uris[4] = str(tmp_path / "missing.jpg")
+    batch = {"image_id": np.array([f"r{i}" for i in range(7)]), "image_uri": np.array(uris)}
+    one = ImageEmbedder({"emb": (saved_moe, PLATFORMS)})(dict(batch))
+    three = ImageEmbedder({"emb": (saved_moe, PLATFORMS)}, decode_threads=3)(dict(batch))
+    assert list(three["image_id"]) == list(one["image_id"]) == ["r0", "r1", "r2", "r3", "r5", "r6"]
+    np.testing.assert_allclose(three["emb"], one["emb"], atol=1e-5)
+
+
+def test_gpu_embedding_bench_runs_the_actor_class(tmp_path: Path):
+    """The bench's CPU mode, so the GPU benchmark cannot rot between device runs."""
+    import json
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, str(root / "bench" / "gpu_embedding.py"), "--device", "cpu", "--quick",
+                    "--out", str(tmp_path)], check=True, timeout=600, capture_output=True)
+    result = json.loads((tmp_path / "gpu_embedding.json").read_text())
+    assert result["code"] == "geoloc_ray.embedding.ImageEmbedder" and result["device"] == "cpu"
+    assert {r["actor_device"] for r in result["runs"]} == {"cpu"}
+    assert all(r["images_per_s"] > 0 and r["gflops_per_image"] > 0 for r in result["runs"])

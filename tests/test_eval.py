@@ -41,12 +41,13 @@ def frames(moe):
     return queries, gallery
 
 
-def _by_hand(moe, queries, gallery_vectors: np.ndarray) -> np.ndarray:
-    """sum_k g_k(q) cos(t_k(q), v_k(I)), ranked: the method's definition, one expert at a time."""
+def _by_hand(moe, queries, gallery_vectors: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """sum_k g_k(q) cos(t_k(q), v_k(I)), ranked: the method's definition, one expert at a time (`weights`
+    replaces the gate's g(q))."""
     dim = moe.model_cfg.embed_dim
     with torch.no_grad():
         trunk = moe.text_trunk_output(queries["query"].tolist())
-        gate = moe.gate(trunk).numpy()
+        gate = moe.gate(trunk).numpy() if weights is None else weights
         scores = sum(gate[:, [k]] * (moe.text_head(p, trunk).numpy() @ gallery_vectors[:, k * dim:(k + 1) * dim].T)
                      for k, p in enumerate(PLATFORMS))
     return np.argsort(-scores, axis=1, kind="stable")
@@ -87,3 +88,174 @@ def test_variants_share_one_gallery_column_per_model():
 
     heads = gallery_heads(variants(Config()))
     assert heads == {artifacts.UNIFIED: ["unified"], artifacts.ALIGNED: ["aligned"], artifacts.MOE: PLATFORMS}
+
+
+def test_moe_places_ranks_each_locations_best_image_of_the_moe_ranking(moe, frames):
+    from geoloc_ray import artifacts
+    from geoloc_ray.config import Config
+    from geoloc_ray.eval.evaluate import variants
+    from geoloc_ray.eval.metrics import first_per_group, retrieval_metrics
+
+    queries, gallery = frames
+    (places,) = [v for v in variants(Config()) if v.name == "moe_places"]
+    assert (places.model, places.heads, places.weights, places.places) == (artifacts.MOE, tuple(PLATFORMS), "gate",
+                                                                           True)
+    scored = _score(places, moe, queries, gallery)
+    locations = gallery["location_id"].to_numpy()
+    expected = first_per_group(_by_hand(moe, queries, np.stack(gallery["moe"].to_numpy())), locations, 10)
+    assert (expected[:, :4] >= 0).all() and (expected[:, 4:] == -1).all()  # 4 locations: 4 places, then none
+    args = (gallery["image_id"].to_numpy(), locations, queries["image_id"].to_numpy(),
+            queries["location_id"].to_numpy(), [1, 5, 10])
+    assert {k: scored["metrics"][k] for k in ("location", "image")} == retrieval_metrics(expected, *args)
+    assert set(scored["metrics"]) == {"location", "image", "per_platform"}
+    assert set(scored["metrics"]["per_platform"]["drone"]) == {"location", "image", "queries"}
+
+
+def _score(v, moe, queries, gallery):
+    from geoloc_ray.eval.evaluate import score_variant
+
+    return score_variant(v, moe, queries, gallery, PLATFORMS, [1, 5, 10], [])
+
+
+def test_places_search_goes_deeper_than_its_first_guess():
+    """The 40 best images are one location: the first depth (8k) holds one place, the answer needs more."""
+    from geoloc_ray.eval.evaluate import places_search
+    from geoloc_ray.eval.metrics import first_per_group
+
+    rng = np.random.default_rng(1)
+    query = rng.normal(size=(2, 16)).astype(np.float32)
+    gallery = rng.normal(size=(300, 16)).astype(np.float32)
+    order = np.argsort(-(gallery @ query[0]))
+    locations = np.array([f"far{i % 97}" for i in range(300)], dtype=object)
+    locations[order[:40]] = "near"
+    got = places_search(query, gallery, locations, 5)
+    full = np.argsort(-(query @ gallery.T), axis=1, kind="stable")
+    np.testing.assert_array_equal(got, first_per_group(full, locations, 5))
+    assert len({locations[i] for i in got[0]}) == 5
+    assert (places_search(query, gallery, locations, 200)[:, 98:] == -1).all()  # 98 locations in all
+
+
+def test_report_tables_show_moe_places_after_the_ladder():
+    from geoloc_ray.eval.report import corruption_table, ladder_table, platform_table
+
+    block = {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0, "score": 2.0}
+    entry = {"location": block, "image": block, "per_platform": {"drone": {"location": block}}}
+    results = {"variants": {"moe_places": entry, "moe": entry, "unified": entry},
+               "corruptions": {"noise": {"1": {"moe": {"location": block}}}}}
+    for table in (ladder_table(results), platform_table(results)):
+        assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["unified", "moe", "moe_places"]
+    assert corruption_table(results).splitlines()[2] == "| noise | 1 | - | 2.00 | - |"
+
+
+def _variant(name: str):
+    from geoloc_ray.config import Config
+    from geoloc_ray.eval.evaluate import variants
+
+    (v,) = [v for v in variants(Config()) if v.name == name]
+    return v
+
+
+def _hand_metrics(moe, queries, gallery, weights: np.ndarray) -> dict:
+    from geoloc_ray.eval.metrics import retrieval_metrics
+
+    ranked = _by_hand(moe, queries, np.stack(gallery["moe"].to_numpy()), weights)[:, :10]
+    return retrieval_metrics(ranked, gallery["image_id"].to_numpy(), gallery["location_id"].to_numpy(),
+                             queries["image_id"].to_numpy(), queries["location_id"].to_numpy(), [1, 5, 10])
+
+
+def test_oracle_gate_puts_all_weight_on_the_querys_true_platform(moe, frames):
+    from geoloc_ray import artifacts
+    from geoloc_ray.eval.evaluate import encode_queries
+    from geoloc_ray.eval.routing import ORACLE, oracle_weights
+
+    queries, gallery = frames
+    oracle = _variant("oracle_gate")
+    assert (oracle.model, oracle.heads, oracle.weights) == (artifacts.MOE, tuple(PLATFORMS), ORACLE)
+    one_hot = np.eye(3, dtype=np.float32)[[PLATFORMS.index(p) for p in queries["platform"]]]
+    np.testing.assert_array_equal(encode_queries(oracle, moe, queries).gate, one_hot)
+    np.testing.assert_array_equal(oracle_weights(["ground", "air"], ["drone", "ground"]), [[0, 1], [0.5, 0.5]])
+    scored = _score(oracle, moe, queries, gallery)
+    assert {k: scored["metrics"][k] for k in ("location", "image")} == _hand_metrics(moe, queries, gallery, one_hot)
+    assert scored["gate"]["accuracy"] == 1.0 and scored["corruptions"] == {}
+    assert scored["gate"]["mean_weights"]["drone"] == {"satellite": 0.0, "drone": 1.0, "ground": 0.0}
+
+
+@pytest.fixture(scope="module")
+def platform_gate(tmp_path_factory):
+    """models/gate as training leaves it: the trunk, a head from stage 0 and the gate trained on platforms."""
+    from geoloc_ray import artifacts
+    from geoloc_ray.config import Config, ModelConfig
+    from geoloc_ray.model import build_model, save_model
+
+    cfg = Config(artifacts=str(tmp_path_factory.mktemp("run")))
+    save_model(build_model(ModelConfig(), heads=["unified"], gate=True, seed=7),
+               artifacts.model_dir(cfg, artifacts.GATE))
+    return cfg
+
+
+def test_platform_gate_routes_moes_experts_with_the_gate_of_models_gate(moe, frames, platform_gate):
+    from geoloc_ray import artifacts
+    from geoloc_ray.eval.evaluate import _platform_gate_model, encode_queries
+    from geoloc_ray.eval.routing import PLATFORM_GATE
+
+    queries, gallery = frames
+    v = _variant("platform_gate")
+    assert (v.model, v.heads, v.weights) == (artifacts.MOE, tuple(PLATFORMS), PLATFORM_GATE)
+    gate_model = _platform_gate_model(platform_gate, [v])
+    with torch.no_grad():
+        expected = gate_model.gate(gate_model.text_trunk_output(queries["query"].tolist())).numpy()
+        own = moe.gate(moe.text_trunk_output(queries["query"].tolist())).numpy()
+    assert not np.allclose(expected, own)  # a different gate than moe's own
+    qv = encode_queries(v, moe, queries, gate_model=gate_model)
+    np.testing.assert_allclose(qv.gate, expected, rtol=1e-6)
+    scored = score_variant_with(v, moe, queries, gallery, qv)
+    assert {k: scored["metrics"][k] for k in ("location", "image")} == _hand_metrics(moe, queries, gallery, qv.gate)
+    with pytest.raises(ValueError, match="models/gate"):
+        encode_queries(v, moe, queries)
+
+
+def score_variant_with(v, moe, queries, gallery, qv):
+    from geoloc_ray.eval.evaluate import score_variant
+
+    return score_variant(v, moe, queries, gallery, PLATFORMS, [1, 5, 10], [], qv)
+
+
+def test_an_expert_alone_is_that_heads_ranking_over_the_mixed_gallery(moe, frames):
+    from geoloc_ray.eval.evaluate import encode_queries
+    from geoloc_ray.eval.metrics import per_query_table
+
+    queries, gallery = frames
+    cache: dict = {}
+    for k, platform in enumerate(PLATFORMS):
+        v = _variant(f"expert_{platform}")
+        assert (v.heads, v.weights) == ((platform,), None)
+        scored = score_variant_with(v, moe, queries, gallery, encode_queries(v, moe, queries, cache))
+        only = np.zeros((len(queries), 3), np.float32)
+        only[:, k] = 1.0  # weight 1 on this expert: its own cosine, over every gallery image
+        hand = _hand_metrics(moe, queries, gallery, only)
+        assert {lvl: scored["metrics"][lvl] for lvl in ("location", "image")} == hand
+        table = per_query_table(queries, {v.name: scored["ranks"]})
+        assert 100 * table[f"{v.name}:hit@1"].mean() == pytest.approx(hand["location"]["R@1"])
+        assert 100 * table[f"{v.name}:hit@10"].mean() == pytest.approx(hand["location"]["R@10"])
+    # oracle_gate reuses the experts' encodings: no new query vectors beyond the three heads
+    encode_queries(_variant("oracle_gate"), moe, queries, cache)
+    assert {key for key in cache if key[1] is None} == {((p,), None) for p in PLATFORMS}
+
+
+def test_report_puts_routing_diagnostics_in_their_own_table_with_the_gate_matrices():
+    from geoloc_ray.eval.report import ladder_table, markdown
+
+    block = {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0, "score": 2.0}
+    entry = {"location": block, "image": block, "per_platform": {"drone": {"location": block}}}
+    matrix = {"mean_weights": {"drone": {"satellite": 0.1, "drone": 0.8, "ground": 0.1}}, "accuracy": 0.5}
+    names = ["unified", "moe", "oracle_gate", "platform_gate", "expert_drone"]
+    results = {"variants": dict.fromkeys(names, entry),
+               "gate": {**matrix, "by_variant": {"moe": matrix, "platform_gate": matrix}}}
+    assert [line.split("|")[1].strip() for line in ladder_table(results).splitlines()[2:]] == ["unified", "moe"]
+    text = markdown(results)
+    routing = text.split("## Routing diagnostics")[1].split("##")[0]
+    rows = [line.split("|")[1].strip() for line in routing.splitlines() if line.startswith("|")][2:]
+    assert rows == ["moe", "oracle_gate", "platform_gate", "expert_drone"]
+    assert "| expert_drone | 1.00 | 3.00 | 2.00 | 2.00 |" in routing
+    assert "**platform_gate** (top expert = query platform: 50.0%)" in text
+    assert "| drone | 0.10 | 0.80 | 0.10 |" in text

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
-from geoloc_ray.serve.fanout import ShardHits, finite_or_none, fused_vector, merge_hits, renormalised_weights
+from geoloc_ray.serve.fanout import (
+    ShardHits,
+    finite_or_none,
+    fused_vector,
+    merge_hits,
+    one_per_location,
+    pick,
+    renormalised_weights,
+)
 from geoloc_ray.serve.settings import AppArgs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,6 +73,98 @@ def test_merge_hits_orders_across_shards_and_truncates():
     assert [s for s, _ in merged] == pytest.approx([0.95, 0.9, 0.4])
 
 
+def _hits(shard: int, rows: list[tuple[float, str, str]]) -> ShardHits:
+    """(score, image_id, location_id) rows, best first, as one shard answers."""
+    return ShardHits(shard, "b1", "m", [r[0] for r in rows], [{"image_id": r[1], "location_id": r[2]} for r in rows])
+
+
+def test_group_by_location_keeps_each_places_best_image_and_asks_for_more():
+    a = _hits(0, [(0.9, "a0", "L1"), (0.8, "a1", "L1"), (0.5, "a2", "L2")])
+    b = _hits(1, [(0.85, "b0", "L1"), (0.7, "b1", "L3"), (0.6, "b2", "L3")])
+    assert [r["image_id"] for _, r in one_per_location(merge_hits([a, b], 6))] == ["a0", "b1", "a2"]
+    # images: the top 3 of the merged ranking at depth 3, final at once
+    ranked, final = pick([a, b], 3, 3, "image")
+    assert [r["image_id"] for _, r in ranked] == ["a0", "b0", "a1"] and final
+    # places: the merged top 3 is one place (L1 three times) and the shards are still full: search deeper
+    ranked, final = pick([a, b], 3, 3, "location")
+    assert [r["location_id"] for _, r in ranked] == ["L1"] and not final
+    # every shard answered fewer than the depth asked for: the gallery is exhausted, what there is is final
+    ranked, final = pick([a, b], 12, 5, "location")
+    assert [r["image_id"] for _, r in ranked] == ["a0", "b1", "a2"] and final
+    assert [s for s, _ in ranked] == pytest.approx([0.9, 0.7, 0.5])
+
+
+def test_the_ingress_searches_deeper_until_it_has_k_places():
+    """The 40 best images are one place: depth 4k = 20 holds 1 place, so the ingress asks the shards again."""
+    import asyncio
+
+    from geoloc_ray.serve.ingress import SearchIngress
+    from geoloc_ray.serve.schemas import SearchRequest
+
+    locations = ["L0"] * 40 + [f"L{i}" for i in range(1, 61)]
+    rows = [{"image_id": f"i{i}", "location_id": loc} for i, loc in enumerate(locations)]
+    asked: list[int] = []
+
+    async def shard_hits(qvec, depth, platforms, model_version):
+        asked.append(depth)
+        return [ShardHits(0, "b1", "m", list(np.linspace(1, 0, 100)[:depth]), rows[:depth])], []
+
+    ingress = object.__new__(SearchIngress.func_or_class)
+    ingress._shard_hits = shard_hits
+    body = SearchRequest(query="x", k=5, offset=1, group_by="location")
+    ranked, build, failed = asyncio.run(ingress._ranked(None, body, "m"))
+    assert [r["location_id"] for _, r in ranked] == ["L0", "L1", "L2", "L3", "L4", "L5"]  # offset + k
+    assert asked == [24, 96] and build == "b1" and failed == []
+
+
+class KBody(BaseModel):  # module level: the annotations here are strings FastAPI resolves by name
+    k: int
+
+
+def test_key_gate_answers_401_before_anything_reads_the_body():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from geoloc_ray.serve.access import KeyGate
+    from geoloc_ray.serve.errors import BodyLimit, install_error_handlers
+
+    policy = {"key": "s3cret", "docs": "key"}
+    rejected: list[str] = []
+    api = FastAPI()
+    install_error_handlers(api, lambda request: None)
+    api.add_middleware(BodyLimit, max_bytes=100)
+    api.add_middleware(KeyGate, policy=lambda: (policy["key"], policy["docs"]), on_reject=rejected.append)
+
+    @api.post("/search")
+    async def search(body: KBody) -> dict:
+        return {"k": body.k}
+
+    @api.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    client, key = TestClient(api), {"X-API-Key": "s3cret"}
+    for data in (b'{"k": "x"}', b"not json", b"{" + b"x" * 500 + b"}"):  # 422, 400, 413 with the key
+        r = client.post("/search", content=data, headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+    assert rejected == ["/search"] * 3
+    assert client.post("/search", json={"k": "x"}, headers=key).status_code == 422
+    assert client.post("/search", json={"k": 2}, headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.post("/search", json={"k": 2}, headers=key).json() == {"k": 2}
+    assert client.get("/healthz").status_code == 200  # probes need no key (the ingress trims the body)
+    assert client.get("/openapi.json").status_code == 401 and client.get("/docs").status_code == 401
+    assert client.get("/openapi.json", headers=key).json()["openapi"].startswith("3.")
+    policy["docs"] = "public"
+    assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
+    policy["docs"] = "off"
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        r = client.get(path, headers=key)
+        assert r.status_code == 404 and r.json()["error"] == "not_found", path
+    policy.update(key=None, docs="key")  # no key configured: nothing changes
+    assert client.post("/search", json={"k": "x"}).status_code == 422
+    assert client.get("/openapi.json").status_code == 200
+
+
 def test_finite_or_none():
     assert finite_or_none(1.5) == 1.5 and finite_or_none(np.float32(2)) == 2.0
     assert finite_or_none(float("nan")) is None and finite_or_none(None) is None and finite_or_none("x") is None
@@ -92,7 +193,8 @@ def test_app_args(tmp_path, monkeypatch):
 
 
 # Every knob of the app at a value other than its default.
-KNOBS = {"model": "moe-untuned", "index_build": "20250101-000000", "api_key": "k", "max_query_chars": 500,
+KNOBS = {"model": "moe-untuned", "index_build": "20250101-000000", "api_key": "k", "docs": "off",
+         "max_query_chars": 500,
          "max_batch_size": 8, "batch_wait_timeout_s": 0.002, "num_cpus": 0.5, "num_gpus": 0.25,
          "replicas": {"ingress": 2, "encoder": 3, "expert": 4, "shard": 5}, "max_ongoing_requests": 32,
          "torch_threads": 2, "expert_timeout_s": 3.0, "shard_timeout_s": 4.0, "thumbnail_px": 96}
@@ -116,6 +218,18 @@ def test_every_app_arg_is_reachable_from_the_configs():
                                                                 "artifacts": demo.artifacts})
 
 
+def test_serve_config_serves_the_demo_run():
+    """`serve run serve_config.yaml` from the repo root after `make demo` (default config: artifacts/demo)."""
+    import yaml
+
+    from geoloc_ray.config import Config
+
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    assert raw["applications"][0]["args"]["artifacts"] == demo["artifacts"] == Config.model_fields["artifacts"].default
+    assert "geoloc-ray demo" in (REPO / "Makefile").read_text()  # make demo: the default config, nothing else
+
+
 def test_build_app_is_a_typed_application_builder():
     """Serve validates serve_config.yaml `args` into the builder's pydantic annotation (a string would not)."""
     import inspect
@@ -132,7 +246,8 @@ def _fake_run(root: Path, index_version: str) -> None:
     (root / "models/moe/manifest.json").write_text(json.dumps({"model_version": "v1", "platforms": PLATFORMS}))
     (root / "index/build-1").mkdir(parents=True)
     (root / "index/LATEST.json").write_text(json.dumps({"build": "build-1"}))
-    manifest = {"build": "build-1", "model_version": index_version, "shards": [{"file": "s0"}, {"file": "s1"}]}
+    manifest = {"build": "build-1", "model_version": index_version, "experts": PLATFORMS,
+                "shards": [{"file": "s0"}, {"file": "s1"}]}
     (root / "index/build-1/manifest.json").write_text(json.dumps(manifest))
 
 
@@ -222,3 +337,22 @@ def test_only_timeouts_and_dead_replicas_mark_a_component_down():
     raised_in_replica = RayTaskError("embed", "Traceback ...", InjectedFailure("drill")).as_instanceof_cause()
     assert isinstance(raised_in_replica, InjectedFailure) and not is_unavailable(raised_in_replica)
     assert is_unavailable(TimeoutError()) and is_unavailable(ActorDiedError())
+
+
+def test_grafana_dashboard_queries_only_metrics_the_code_exports():
+    """docs/grafana: every `ray_geoloc_*` series is a Counter / Histogram defined in geoloc_ray (Ray adds `ray_`)."""
+    import re
+
+    dashboard = json.loads((REPO / "docs" / "grafana" / "geoloc_dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["query"]["query"] for v in dashboard["templating"]["list"] if isinstance(v.get("query"), dict)]
+    source = "\n".join(f.read_text() for f in (REPO / "geoloc_ray").rglob("*.py"))
+    defined = {name: kind for kind, name in re.findall(r'(Counter|Histogram|Gauge)\(\s*"(geoloc_\w+)"', source)}
+    assert {"geoloc_search_latency_ms", "geoloc_search_requests_total", "geoloc_component_failures_total"} <= set(defined)
+    used = set()
+    for series in re.findall(r"\bray_(geoloc_\w+)", " ".join(exprs)):
+        base = re.sub(r"_(bucket|sum|count)$", "", series)
+        assert defined.get(base) == "Histogram" if base != series else series in defined, series
+        used.add(base)
+    assert used == set(defined)  # and every metric the app exports has a panel
+    assert {p["datasource"] for p in dashboard["panels"]} == {"${datasource}"}  # Ray's dashboards' variable

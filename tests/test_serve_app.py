@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.helpers import free_port
-from tests.serve_fixtures import PLATFORMS, app_config, deploy, make_tiny_run, wait_running
+from tests.serve_fixtures import PLATFORMS, REPO, app_config, deploy, make_tiny_run, wait_running
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(600)]
 APP = "geoloc"
@@ -51,8 +51,9 @@ def _handle(deployment: str):
     return serve.get_deployment_handle(deployment, app_name=APP)
 
 
-def offline_top(run, build: str, query: str, k: int, drop: str | None = None) -> tuple[list[str], np.ndarray]:
-    """The exact PE-MoE ranking computed in-process: fused query (gate) . gallery vectors."""
+def offline_top(run, build: str, query: str, k: int, drop: str | None = None,
+                platforms: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """The exact PE-MoE ranking computed in-process: fused query (gate) . gallery vectors (of `platforms`)."""
     import torch
 
     from geoloc_ray.model import fuse_query, load_model
@@ -68,6 +69,10 @@ def offline_top(run, build: str, query: str, k: int, drop: str | None = None) ->
         gate = gate * keep / (gate * keep).sum()
     q = fuse_query(parts, gate)[0].numpy()
     vectors, ids = run.vectors(build)
+    if platforms is not None:
+        platform_of = dict(zip(run.frame["image_id"], run.frame["platform"], strict=True))
+        keep = [i for i, image_id in enumerate(ids) if platform_of[image_id] in platforms]
+        vectors, ids = vectors[keep], [ids[i] for i in keep]
     scores = vectors @ q
     order = np.argsort(-scores, kind="stable")[:k]
     return [ids[i] for i in order], scores[order]
@@ -102,6 +107,62 @@ def test_result_fields(served):
     assert served.search({"query": "a park"}).json()["k"] == 10  # default k
 
 
+# ----- places, filters, paging -----------------------------------------------------------------------------------
+QUERY = "a tall building with a red roof next to a parking lot"
+
+
+def _places(ids: list[str], scores: np.ndarray, frame) -> tuple[list[str], list[float]]:
+    """Each location's first image of a full ranking: the offline answer to group_by location."""
+    location = dict(zip(frame["image_id"], frame["location_id"], strict=True))
+    seen, out = set(), []
+    for image_id, score in zip(ids, scores, strict=True):
+        if location[image_id] not in seen:
+            seen.add(location[image_id])
+            out.append((image_id, float(score)))
+    return [i for i, _ in out], [sc for _, sc in out]
+
+
+def test_group_by_location_gives_distinct_places_ranked_by_their_best_image(served):
+    run = served.run
+    ids, scores = offline_top(run, run.build_a, QUERY, 24)
+    place_ids, place_scores = _places(ids, scores, run.frame)
+    assert len(place_ids) == 8 and len(ids) > 8  # build A: 8 locations, 3 images each
+    for k in (3, 5, 8):
+        body = served.search({"query": QUERY, "k": k, "group_by": "location"}).json()
+        got = body["results"]
+        assert [x["image_id"] for x in got] == place_ids[:k] and body["group_by"] == "location"
+        assert len({x["location_id"] for x in got}) == k
+        np.testing.assert_allclose([x["score"] for x in got], place_scores[:k], atol=1e-4)
+    body = served.search({"query": QUERY, "k": 20, "group_by": "location"}).json()
+    assert [x["image_id"] for x in body["results"]] == place_ids  # the gallery holds 8 places: all of them
+
+
+@pytest.mark.parametrize("platforms", [["drone"], ["satellite", "ground"], ["ground", "drone", "satellite"]])
+def test_platform_filter_equals_the_exact_ranking_restricted_to_them(served, platforms):
+    run = served.run
+    ids, scores = offline_top(run, run.build_a, QUERY, 24, platforms=platforms)
+    body = served.search({"query": QUERY, "k": 10, "platforms": platforms}).json()
+    assert [x["image_id"] for x in body["results"]] == ids[:10]
+    np.testing.assert_allclose([x["score"] for x in body["results"]], scores[:10], atol=1e-4)
+    assert {x["platform"] for x in body["results"]} == set(platforms)
+    assert body["platforms"] == sorted(platforms) and not body["degraded"]
+    places = served.search({"query": QUERY, "k": 4, "platforms": platforms, "group_by": "location"}).json()
+    assert [x["image_id"] for x in places["results"]] == _places(ids, scores, run.frame)[0][:4]
+
+
+def test_offset_pages_through_the_ranking(served):
+    run = served.run
+    ids, _ = offline_top(run, run.build_a, QUERY, 24)
+    pages = [served.search({"query": QUERY, "k": 5, "offset": o}).json()["results"] for o in (0, 5, 10, 20)]
+    assert [x["image_id"] for page in pages[:3] for x in page] == ids[:15]
+    assert [x["rank"] for x in pages[1]] == [6, 7, 8, 9, 10]
+    assert [x["image_id"] for x in pages[3]] == ids[20:]  # 4 left of 24
+    assert served.search({"query": QUERY, "offset": 30}).json()["results"] == []
+    place_ids = _places(ids, offline_top(run, run.build_a, QUERY, 24)[1], run.frame)[0]
+    page = served.search({"query": QUERY, "k": 3, "offset": 3, "group_by": "location"}).json()["results"]
+    assert [x["image_id"] for x in page] == place_ids[3:6] and [x["rank"] for x in page] == [4, 5, 6]
+
+
 def test_healthz_and_openapi(served):
     health = requests.get(served.url + "/healthz", timeout=30).json()
     assert health["status"] == "ok" and health["index_build"] == served.run.build_a
@@ -129,6 +190,13 @@ BAD_BODIES = [
     ("unknown field", {"query": "roof", "top_k": 5}, 422),
     ("body a list", ["roof"], 422),
     ("lone surrogate", {"query": "roof \ud800"}, 422),
+    ("group_by unknown", {"query": "roof", "group_by": "city"}, 422),
+    ("platforms empty", {"query": "roof", "platforms": []}, 422),
+    ("platforms unknown", {"query": "roof", "platforms": ["drone", "plane"]}, 422),
+    ("platforms a string", {"query": "roof", "platforms": "drone"}, 422),
+    ("offset negative", {"query": "roof", "offset": -1}, 422),
+    ("offset a string", {"query": "roof", "offset": "2"}, 422),
+    ("offset too deep", {"query": "roof", "offset": 10_001}, 422),
 ]
 
 
@@ -172,14 +240,27 @@ def test_query_is_cleaned_before_encoding(served):
 def test_api_key_on_and_off(served):
     ingress = _handle("SearchIngress")
     ingress.reconfigure.remote({"api_key": "s3cret"}).result()
+    key = {"X-API-Key": "s3cret"}
     try:
         for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
             r = served.search({"query": "roof"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
-        assert served.search({"query": "roof"}, headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert served.search({"query": "roof"}, headers=key).status_code == 200
+        # 401 before validation: a bad body without the key learns nothing about the body
+        for data in (b'{"query": 42}', b"not json", b'{"query": "' + b"a" * 70_000 + b'"}'):
+            r = requests.post(served.url + "/search", data=data, headers={"Content-Type": "application/json"},
+                              timeout=30)
+            assert r.status_code == 401 and r.json()["error"] == "unauthorized", r.text
+        assert served.search({"query": 42}, headers=key).status_code == 422
         image_id = served.run.frame["image_id"][0]
         assert requests.get(served.url + "/thumbnail", params={"id": image_id}, timeout=30).status_code == 401
-        assert requests.get(served.url + "/healthz", timeout=30).status_code == 200  # probes need no key
+        health = requests.get(served.url + "/healthz", timeout=30)  # probes need no key, but get no details
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        detailed = requests.get(served.url + "/healthz", headers=key, timeout=30).json()
+        assert detailed["status"] == "ok" and "IndexShard_0" in detailed["components"] and detailed["model_version"]
+        for path in ("/openapi.json", "/docs"):  # docs: key (the default) -> the key is needed once one is set
+            assert requests.get(served.url + path, timeout=30).status_code == 401, path
+            assert requests.get(served.url + path, headers=key, timeout=30).status_code == 200, path
         assert requests.get(served.url + "/", timeout=30).status_code == 200
     finally:
         ingress.reconfigure.remote({"api_key": None}).result()
@@ -290,6 +371,36 @@ def _chrome(tmp_path):
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
+def _check_map(browser, served) -> None:
+    """One SVG point per result place with coordinates; hovering or clicking one marks that place's cards."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    cards = browser.find_elements(By.CSS_SELECTOR, "#results .card")
+    frame = served.run.frame.set_index("image_id")
+    with_coords = {c.get_attribute("data-location") for c in cards
+                   if not np.isnan(frame.loc[c.get_attribute("data-image-id"), "lat"])}
+    points = browser.find_elements(By.CSS_SELECTOR, "#map svg circle.point")
+    assert browser.find_element(By.ID, "map").is_displayed()
+    assert sorted(p.get_attribute("data-location") for p in points) == sorted(with_coords)
+    assert browser.execute_script("return document.querySelectorAll('#map image, #map iframe').length") == 0
+    point = points[-1]  # drawn last: the best place, on top
+    place = point.get_attribute("data-location")
+    ActionChains(browser).move_to_element(point).perform()
+    marked = {c.get_attribute("data-image-id") for c in cards if "hl" in c.get_attribute("class").split()}
+    assert marked and marked == {c.get_attribute("data-image-id") for c in cards
+                                 if c.get_attribute("data-location") == place}
+    ActionChains(browser).move_to_element(browser.find_element(By.ID, "query")).perform()
+    assert not [c for c in cards if "hl" in c.get_attribute("class").split()]
+    point.click()  # pins the place: its cards stay marked after the pointer leaves
+    ActionChains(browser).move_to_element(browser.find_element(By.ID, "query")).perform()
+    pinned = [c.get_attribute("data-location") for c in cards if "pinned" in c.get_attribute("class").split()]
+    assert pinned and set(pinned) == {place}
+    card = next(c for c in cards if c.get_attribute("data-location") == place)
+    ActionChains(browser).move_to_element(card).perform()  # and a card marks its point
+    assert "hl" in point.get_attribute("class").split()
+
+
 def test_search_page_in_headless_chromium(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -313,7 +424,15 @@ def test_search_page_in_headless_chromium(served, tmp_path):
         assert [r.get_attribute("data-platform") for r in rows] == PLATFORMS
         assert all(r.find_element(By.CLASS_NAME, "value").text.endswith("%") for r in rows)
         assert "results in" in browser.find_element(By.ID, "status").text
+        _check_map(browser, served)
         browser.save_screenshot(str(tmp_path / "search_page.png"))
+        browser.find_element(By.ID, "places").click()  # one image per place
+        browser.find_element(By.ID, "search").click()
+        wait.until(lambda b: "places in" in b.find_element(By.ID, "status").text)
+        locations = [c.get_attribute("data-location") for c in browser.find_elements(By.CSS_SELECTOR, "#results .card")]
+        assert len(locations) == 8 == len(set(locations))  # build A holds 8 places
+        _check_map(browser, served)
+        browser.find_element(By.ID, "places").click()
         browser.find_element(By.ID, "query").clear()
         browser.find_element(By.ID, "query").send_keys("x" * 1000)
         browser.execute_script("document.getElementById('query').value += 'y';")  # past maxlength
@@ -328,6 +447,28 @@ def test_search_page_in_headless_chromium(served, tmp_path):
 
         for name in ("search_page.png", "search_page_error.png"):
             shutil.copy(tmp_path / name, os.environ["GEOLOC_SCREENSHOT_DIR"])
+
+
+# ----- serve run serve_config.yaml after make demo -----------------------------------------------------------------
+def test_serve_config_yaml_builds_the_app_of_a_demo_run_unedited(served, tmp_path, monkeypatch):
+    """What `serve run serve_config.yaml` does from the repo root once `make demo` wrote artifacts/demo: the file's
+    own args (relative artifacts path and all) build the graph of that run, shards and experts included."""
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from geoloc_ray.serve.app import build_app
+
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "demo").symlink_to(served.run.artifacts, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)  # the repo root of a fresh clone, as far as paths go
+    raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    args = raw["applications"][0]["args"]
+    app = call_user_app_builder_with_args_if_necessary(build_app, args)
+    ingress = app._bound_deployment
+    encoder, experts, shards, app_args = ingress.init_args
+    assert sorted(experts) == sorted(PLATFORMS) and len(shards) == served.run.shards
+    assert app_args.run_uri() == str(tmp_path / "artifacts" / "demo")
+    assert shards[0]._bound_deployment.init_args[4:6] == ({}, served.run.build_b)  # index_build: latest
 
 
 # ----- zero-downtime index swap (runs last: it changes the served build) ----------------------------------------

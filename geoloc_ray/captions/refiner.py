@@ -199,6 +199,22 @@ def attach_outcomes(batch, outcomes: list[RowOutcome]):
     return out
 
 
+_REJECTIONS = None  # this process's Prometheus counter (created on first use: Ray must be up)
+
+
+def count_rejections(outcomes: list[RowOutcome], platforms: list[str]) -> None:
+    """geoloc_refine_rejections_total{reason, platform}: LLM outputs the validator refused (docs/grafana)."""
+    global _REJECTIONS
+    if _REJECTIONS is None:
+        from ray.util.metrics import Counter
+
+        _REJECTIONS = Counter("geoloc_refine_rejections_total", tag_keys=("reason", "platform"),
+                              description="refined captions rejected by validation (the original was kept)")
+    for outcome, platform in zip(outcomes, platforms, strict=True):
+        if outcome.rejection:
+            _REJECTIONS.inc(tags={"reason": outcome.rejection, "platform": platform})
+
+
 def batch_inputs(batch) -> tuple[list[list[str]], list[str]]:
     return [list(t or []) for t in batch.column("texts").to_pylist()], batch.column("platform").to_pylist()
 
@@ -227,4 +243,6 @@ class Refiner:
 
     def __call__(self, batch):
         texts, platforms = batch_inputs(batch)
-        return attach_outcomes(batch, self.core.refine(texts, platforms))
+        outcomes = self.core.refine(texts, platforms)
+        count_rejections(outcomes, platforms)
+        return attach_outcomes(batch, outcomes)

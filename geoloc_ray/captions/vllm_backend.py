@@ -17,16 +17,47 @@ from geoloc_ray.captions.refiner import RefineSettings, attach_outcomes, batch_i
 _WORK_COLUMNS = ("refine_key", "refine_output", "refine_was_cached")
 
 
-def check_gpus(tensor_parallel_size: int) -> None:
-    """Fail clearly, before any work, on a cluster without the GPUs one vLLM engine needs."""
+def node_type_gpus() -> dict[str, float] | None:
+    """GPUs per node of each node type the autoscaler may start (`available_node_types` of cluster.yaml /
+    KubeRay worker groups, as the autoscaler publishes them in the GCS); None when no autoscaler config is known."""
+    import ray._private.state
+
+    config = ray._private.state.state.get_cluster_config()
+    if config is None or not config.node_group_configs:
+        return None
+    return {g.name: float(g.resources.get("GPU", 0)) for g in config.node_group_configs if g.max_count != 0}
+
+
+def live_node_gpus() -> dict[str, float]:
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < tensor_parallel_size:
-        raise RuntimeError(
-            f"refine.backend=vllm needs GPU workers ({tensor_parallel_size} GPU(s) per engine) but the Ray "
-            f"cluster has {gpus:g}; use refine.backend=transformers or rules on a CPU-only cluster"
-        )
+    return {n["NodeID"][:12]: float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]}
+
+
+def gpu_request_error(need: int, node_types: dict[str, float] | None, live: dict[str, float]) -> str | None:
+    """Why no node could ever hold one vLLM engine (`need` GPUs on one node), or None when one could: a node type
+    with enough GPUs is enough, even at 0 running workers (the autoscaler starts it when the engine asks)."""
+    where = ("the autoscaler's node types" if node_types is not None else
+             "the current nodes (no autoscaler config is known, e.g. a fixed cluster or a local instance, so no "
+             "other node can join)")
+    offer = node_types if node_types is not None else live
+    best = max(offer.values(), default=0.0)
+    if best >= need:
+        return None
+    return (f"refine.backend=vllm asks for {need} 'GPU' resource(s) on one node per engine "
+            f"(refine.vllm.tensor_parallel_size={need}) but {where} offer at most {best:g} "
+            f"({', '.join(f'{k}: {v:g}' for k, v in offer.items()) or 'none'}): add a GPU node type to "
+            "cluster.yaml `available_node_types`, lower refine.vllm.tensor_parallel_size, or use "
+            "refine.backend=transformers or rules")
+
+
+def check_gpus(tensor_parallel_size: int) -> None:
+    """Fail at once when no node the cluster has or could start fits one engine; otherwise request the GPUs and
+    let the autoscaler bring them (what is up right now is not checked: GPU workers may sit at min_workers 0)."""
+    node_types = node_type_gpus()
+    error = gpu_request_error(tensor_parallel_size, node_types, live_node_gpus() if node_types is None else {})
+    if error:
+        raise RuntimeError(error)
 
 
 def vllm_processor_config(rc, model: str | None = None):

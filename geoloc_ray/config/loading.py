@@ -13,11 +13,13 @@ from geoloc_ray.config.sections import (
     DataConfig,
     EvalConfig,
     IndexConfig,
+    LadderConfig,
     ModelConfig,
     PreprocessConfig,
     RayConfig,
     RefineConfig,
     ServeConfig,
+    SubmitConfig,
     SynthConfig,
     TrainConfig,
     _Model,
@@ -36,7 +38,9 @@ class Config(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     index: IndexConfig = Field(default_factory=IndexConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    ladder: LadderConfig = Field(default_factory=LadderConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    submit: SubmitConfig = Field(default_factory=SubmitConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     _absolute_artifacts = field_validator("artifacts")(io.absolute_if_local)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from geoloc_ray import io
+from geoloc_ray.config.training import HardNegativeConfig, StageConfig, TrainConfig  # noqa: F401 (re-exported)
 
 PLATFORMS: tuple[str, ...] = ("satellite", "drone", "ground")
 Platform = Literal["satellite", "drone", "ground"]
@@ -75,7 +76,8 @@ class VLLMConfig(_Model):
     batch_size: int = 64
     max_model_len: int = 4096
     # vLLM cannot share the main venv (it pins its own torch/transformers): it runs in its own runtime_env.
-    runtime_env: dict[str, Any] = Field(default_factory=lambda: {"pip": ["vllm==0.33.0"]})
+    # 0.29.0 is the version Ray 2.60's `llm` extra pins, i.e. the one ray.data.llm's engine stage is tested with.
+    runtime_env: dict[str, Any] = Field(default_factory=lambda: {"pip": ["vllm==0.29.0"]})
 
 
 class RefineConfig(_Model):
@@ -118,67 +120,6 @@ class ModelConfig(_Model):
     train_image_trunk_in_stage0: bool = True
 
 
-class HardNegativeConfig(_Model):
-    top_k: int = Field(30, ge=1)
-    per_query: int = Field(4, ge=1)
-    skip_top: int = Field(0, ge=0)  # skip the very top ranks (likely false negatives)
-    gallery: Literal["mixed", "platform"] = "mixed"
-
-
-class StageConfig(_Model):
-    epochs: int = Field(1, ge=0)
-    lr: float = Field(2e-5, gt=0)
-    # Small subsets (satellite: one image per location) get at least this many optimizer steps.
-    min_steps: int = Field(0, ge=0)
-    # False locks the pretrained text layers (LiT-style: only the projection learns): the text side is then a
-    # fixed function of each statement, computed once, so a step costs about the image tower alone.
-    train_text_layers: bool = True
-
-
-class TrainConfig(_Model):
-    num_workers: int = Field(1, ge=1)  # data-parallel workers per fit (stage 0, each head, each expert, the gate)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    use_gpu: bool = False
-    torch_threads: int | None = None
-    batch_size: int = Field(128, ge=2)
-    weight_decay: float = Field(1e-4, ge=0)
-    temperature: float = Field(0.05, gt=0)
-    # Training texts join 1..N of an image's short statements, like a query naming several attributes.
-    statements_per_text: int = Field(3, ge=1)
-    # How a multi-statement training text is encoded: `features` runs each statement through the head once and
-    # averages the pooled features (the frozen trunk's output is computed once per statement and cached: steps
-    # cost a fraction); `tokens` encodes the joined text as one sequence, like a query at search time.
-    text_composition: Literal["features", "tokens"] = "features"
-    # Probability of dropping the refiner's platform phrasing ("aerial view: ...") from a statement: users rarely
-    # say which view they mean, so heads and gate must read the content, not the refiner's style.
-    style_dropout: float = Field(0.5, ge=0, le=1)
-    # Pretrained text layers in the heads learn at lr * text_lr_scale (the rest is fresh or from scratch).
-    text_lr_scale: float = Field(0.1, gt=0)
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)  # linear warmup, then cosine decay to 10% of lr
-    bf16: bool = True  # autocast matmuls to bfloat16 (CPUs with AVX512-BF16/AMX, and GPUs)
-    stage0: StageConfig = Field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3, train_text_layers=False))
-    stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=4, lr=2e-4))
-    stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=2, lr=1e-4))
-    gate: StageConfig = Field(default_factory=lambda: StageConfig(epochs=20, lr=1e-3))
-    # Then the gate is tuned on the fused retrieval loss over held-out training locations (0 epochs: skip):
-    # experts fit their own training images too well to tell the gate how they do on new places.
-    gate_fused: StageConfig = Field(default_factory=lambda: StageConfig(epochs=30, lr=3e-4))
-    val_fraction: float = Field(0.12, ge=0, lt=0.5)  # training locations held out from every head
-    hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
-    max_failures: int = Field(2, ge=0)
-    checkpoint_every_epochs: int = Field(1, ge=1)
-    # Report metrics to Ray every epoch that completes this many steps since the last report (plus every
-    # checkpoint and the last epoch). Ray Train's controller drains one report per poll (2 s), so reporting
-    # every epoch of a 0.2 s epoch would spend ~2 s per epoch waiting.
-    report_every_steps: int = Field(20, ge=1)
-    # A worker keeps its data shard in memory after the first epoch when it is at most this big (0: stream
-    # every epoch). Each worker then sees a fixed partition, as with a DistributedSampler.
-    cache_shard_mb: int = Field(1024, ge=0)
-    # Statements whose frozen trunk output (or pooled feature) a worker keeps, least recently used out first
-    # (0: keep none). A trunk output is ~T x H floats (demo: ~30 KB; BGE-M3: ~250 KB): lower it for big trunks.
-    trunk_cache_items: int = Field(100_000, ge=0)
-
-
 class IndexConfig(_Model):
     split: Literal["test", "train", "all"] = "test"  # which prepared images form the served gallery
     kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
@@ -193,18 +134,58 @@ class IndexConfig(_Model):
     num_actors: int = Field(1, ge=1)
     actor_num_cpus: float = Field(0.5, gt=0)
     actor_num_gpus: float = Field(0.0, ge=0)
+    # On a GPU actor (the device Ray gave it): bf16 autocast and torch.compile of the image trunk and heads.
+    # A CPU actor ignores both and computes in fp32, as the embedding always did.
+    bf16: bool = True
+    compile: bool = False
+    torch_threads: int = Field(1, ge=1)  # per CPU actor
+    decode_threads: int = Field(4, ge=1)  # image decoding threads beside each actor's model
+    train_sample: int = Field(200_000, ge=1)  # IVF/PQ training: at most this many gallery vectors
+    build_num_cpus: float = Field(0.5, gt=0)  # per shard-building Ray task
+
+
+EvalVariant = Literal["unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate", "platform_gate",
+                      "expert_satellite", "expert_drone", "expert_ground"]
 
 
 class EvalConfig(_Model):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
-    variants: list[Literal["unified", "aligned", "static_ensemble", "moe"]] = Field(
-        default_factory=lambda: ["unified", "aligned", "static_ensemble", "moe"]
-    )
+    # moe_places: the moe ranking with one image per location (its best), as `group_by: location` serves it.
+    # Routing diagnostics, on by default: oracle_gate (one-hot on the query's true platform), platform_gate (the
+    # gate before fused tuning, models/gate) and expert_<platform> (one expert alone) explain the distance
+    # between moe and its upper bound, and cost only query encodings and searches over moe's gallery vectors
+    # (no extra gallery pass, no corruption runs).
+    variants: list[EvalVariant] = Field(default_factory=lambda: [
+        "unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate", "platform_gate",
+        "expert_satellite", "expert_drone", "expert_ground"])
     corruptions: list[Literal["blur", "occlusion", "noise"]] = Field(
         default_factory=lambda: ["blur", "occlusion", "noise"]
     )
     severities: list[int] = Field(default_factory=lambda: [1, 2, 3])
     plots: bool = True
+
+
+class LadderConfig(_Model):
+    """`geoloc-ray ladder`: the pipeline per seed, then each variant's mean and interval over seeds."""
+
+    name: str = "ladder"  # outputs in artifacts/<name>/ beside the run's folder, seed n's run in seed-<n>/
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    # world: seed n is a fresh synthetic world (synth.seed = n at <data.root>-seed-<n>) and training seed n;
+    # training: the same data, only the training seed changes (run-to-run noise of the method alone).
+    vary: Literal["world", "training"] = "world"
+    # bootstrap: paired, over queries within each seed, then over seeds; t: a paired t-interval over seed means.
+    interval: Literal["bootstrap", "t"] = "bootstrap"
+    resamples: int = Field(2000, ge=100)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    bootstrap_seed: int = 0
+
+
+class SubmitConfig(_Model):
+    """`geoloc-ray submit` on a flat gallery (no location ids): skip near-duplicates of an answer already chosen."""
+
+    diverse: bool = True  # off: the plain top-10
+    max_cosine: float = Field(0.85, gt=-1, le=1)  # skip a candidate whose image vector is closer than this
+    candidates: int = Field(200, ge=10)  # how far down the ranked list to look for 10 distinct answers
 
 
 class ServeReplicas(_Model):
@@ -222,6 +203,8 @@ class ServeAppConfig(_Model):
     model: str | None = None  # a model name under models/; None: the assembled PE-MoE model
     index_build: str = "latest"  # a build folder name under index/, or "latest" (index/LATEST.json)
     api_key: str | None = None  # None: env GEOLOC_API_KEY in the ingress replica, else no key
+    # /docs and /openapi.json: off, public, or key (need the API key when one is set; public when none is).
+    docs: Literal["off", "public", "key"] = "key"
     max_query_chars: int = Field(1000, ge=1)
     max_batch_size: int = Field(16, ge=1)  # @serve.batch of the QueryEncoder and the ExpertHeads
     batch_wait_timeout_s: float = Field(0.01, ge=0)

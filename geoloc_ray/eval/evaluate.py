@@ -1,4 +1,5 @@
-"""The eval stage: the ablation ladder (unified, aligned, static_ensemble, moe) on the mixed test gallery.
+"""The eval stage: the ablation ladder (unified, aligned, static_ensemble, moe) on the mixed test gallery, and
+routing diagnostics (moe's experts under the oracle and the platform-label gate, each expert alone).
 
 Gallery embeddings come from Ray Data (one pass for every model and corruption); queries are encoded in the
 driver; ranking is exact inner-product search, so the numbers measure the models, not an ANN index.
@@ -14,10 +15,27 @@ import numpy as np
 
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
-from geoloc_ray.embedding import embed_images, query_vectors, view_column
+from geoloc_ray.embedding import QueryVectors, embed_images, query_vectors, view_column
 from geoloc_ray.eval.corruptions import corrupt
-from geoloc_ray.eval.metrics import chance_recall, recall_curve, retrieval_metrics
+from geoloc_ray.eval.metrics import (
+    chance_recall,
+    first_per_group,
+    location_ranks,
+    per_query_table,
+    recall_curve,
+    retrieval_metrics,
+)
+from geoloc_ray.eval.routing import (
+    ORACLE,
+    PLATFORM_GATE,
+    ROUTED,
+    gate_summary,
+    gate_weights,
+    oracle_weights,
+    routed_query,
+)
 from geoloc_ray.index.faiss_index import exact_search
+from geoloc_ray.index.store import check_experts_for_model
 
 
 @dataclass(frozen=True)
@@ -25,18 +43,27 @@ class Variant:
     name: str
     model: str  # models/<model>
     heads: tuple[str, ...]
-    weights: str | None  # None: single head; "static" or "gate": fused experts
+    # None: single head; "static", "gate" (the model's own), "oracle" or "platform_gate" (routing.py): fused
+    weights: str | None
+    places: bool = False  # one image per location (its best): k distinct places, as `group_by: location` serves
 
 
 def variants(cfg: Config) -> list[Variant]:
-    """The configured rungs of the ladder; the names are the metrics.json contract, not model names."""
+    """The configured variants (ladder rungs, routing diagnostics); names are the metrics.json contract."""
     experts = tuple(cfg.model.platforms)
     table = {
         "unified": Variant("unified", artifacts.UNIFIED, ("unified",), None),
         "aligned": Variant("aligned", artifacts.ALIGNED, ("aligned",), None),
         "static_ensemble": Variant("static_ensemble", artifacts.MOE, experts, "static"),
         "moe": Variant("moe", artifacts.MOE, experts, "gate"),
+        "moe_places": Variant("moe_places", artifacts.MOE, experts, "gate", places=True),
+        "oracle_gate": Variant("oracle_gate", artifacts.MOE, experts, ORACLE),
+        "platform_gate": Variant("platform_gate", artifacts.MOE, experts, PLATFORM_GATE),
+        **{f"expert_{p}": Variant(f"expert_{p}", artifacts.MOE, (p,), None) for p in experts},
     }
+    unknown = [v for v in cfg.eval.variants if v not in table]
+    if unknown:
+        raise ValueError(f"eval.variants {unknown}: no such expert in model.platforms {experts}")
     return [table[v] for v in cfg.eval.variants]
 
 
@@ -68,17 +95,6 @@ def _metrics_block(ranked: np.ndarray, gallery, queries, ks: list[int]) -> dict[
     return block
 
 
-def gate_summary(gates: np.ndarray, queries, platforms: list[str]) -> dict[str, Any]:
-    """Mean gate weights by the query's true platform, and how often the gate's top expert is that platform."""
-    out: dict[str, Any] = {"mean_weights": {}, "accuracy": float(np.mean(
-        np.asarray(platforms)[gates.argmax(1)] == queries["platform"].to_numpy()))}
-    for platform in platforms:
-        sel = (queries["platform"] == platform).to_numpy()
-        if sel.any():
-            out["mean_weights"][platform] = dict(zip(platforms, gates[sel].mean(0).round(4).tolist(), strict=True))
-    return out
-
-
 def gallery_heads(chosen: list[Variant]) -> dict[str, list[str]]:
     """One gallery column per model, covering the heads of all its variants (in first-seen order)."""
     heads: dict[str, list[str]] = {}
@@ -100,29 +116,74 @@ def embed_gallery(cfg: Config, models: dict[str, tuple[str, list[str]]], corrupt
     return embed_images(ds, models, cfg.index, views)
 
 
+def places_search(queries: np.ndarray, vectors: np.ndarray, locations: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k distinct locations per query (each its best image's row id; -1 when the gallery has fewer):
+    the search goes deeper for the queries whose top images are too few places, never truncating a top-k."""
+    n = len(vectors)
+    out = np.full((len(queries), k), -1, dtype=np.int64)
+    todo, depth = np.arange(len(queries)), min(n, 8 * k)
+    while len(todo):
+        picked = first_per_group(exact_search(queries[todo], vectors, depth)[1], locations, k)
+        out[todo] = picked
+        if depth >= n:
+            break
+        todo, depth = todo[(picked < 0).any(axis=1)], min(n, 4 * depth)
+    return out
+
+
+def _rank(v: Variant, qvecs: np.ndarray, vectors: np.ndarray, gallery, max_k: int) -> np.ndarray:
+    if v.places:
+        return places_search(qvecs, vectors, gallery["location_id"].to_numpy(), max_k)
+    return exact_search(qvecs, vectors, max_k)[1]
+
+
 def score_variant(v: Variant, model, queries, gallery, model_heads: list[str], ks: list[int],
-                  corruptions: list[tuple[str, int]]) -> dict[str, Any]:
-    """One variant's metrics block, recall curve, gate summary (gated variants) and corrupted-gallery blocks."""
+                  corruptions: list[tuple[str, int]], qv: Any = None) -> dict[str, Any]:
+    """One variant's metrics block, recall curve, per-query location ranks, gate summary (routed variants) and
+    corrupted-gallery blocks.
+
+    `qv`: the variant's query vectors when already encoded (moe_places reuses moe's)."""
     max_k = max([*ks, 10])
-    qv = query_vectors(model, queries["query"].tolist(), v.heads, v.weights, with_gate=v.weights == "gate")
+    if qv is None:
+        qv = encode_queries(v, model, queries)
     cols = _columns_for(v, model_heads, model.model_cfg.embed_dim)
-    ranked = exact_search(qv.vectors, np.stack(gallery[v.model].to_numpy())[:, cols], max_k)[1]
+    ranked = _rank(v, qv.vectors, np.stack(gallery[v.model].to_numpy())[:, cols], gallery, max_k)
+    locations, query_locations = gallery["location_id"].to_numpy(), queries["location_id"].to_numpy()
     out: dict[str, Any] = {
         "metrics": _metrics_block(ranked, gallery, queries, ks),
-        "curve": recall_curve(ranked, gallery["location_id"].to_numpy(), queries["location_id"].to_numpy(), max_k),
-        "gate": None if qv.gate is None else gate_summary(qv.gate, queries, list(model.platforms)),
+        "curve": recall_curve(ranked, locations, query_locations, max_k),
+        "ranks": location_ranks(ranked, locations, query_locations),
+        "gate": None if qv.gate is None else gate_summary(qv.gate, queries, list(v.heads)),
         "corruptions": {},
     }
     for kind, severity in corruptions:
         damaged = np.stack(gallery[view_column(v.model, corruption_view(kind, severity))].to_numpy())[:, cols]
-        out["corruptions"][(kind, severity)] = _recall(exact_search(qv.vectors, damaged, max_k)[1],
+        out["corruptions"][(kind, severity)] = _recall(_rank(v, qv.vectors, damaged, gallery, max_k),
                                                        gallery, queries, ks)
     return out
 
 
+def encode_queries(v: Variant, model, queries, cache: dict | None = None, gate_model: Any = None) -> QueryVectors:
+    """A variant's query vectors, with its routing weights when it routes. `cache` shares encodings between the
+    variants of one model: moe_places ranks moe's; expert_*, oracle_gate and platform_gate share each expert's."""
+    cache = {} if cache is None else cache
+    key = (v.heads, v.weights)
+    if key in cache:
+        return cache[key]
+    if v.weights in ROUTED:
+        parts = [encode_queries(Variant(h, v.model, (h,), None), model, queries, cache).vectors for h in v.heads]
+        weights = (oracle_weights(queries["platform"].tolist(), v.heads) if v.weights == ORACLE
+                   else gate_weights(gate_model, queries["query"].tolist(), v.heads))
+        cache[key] = QueryVectors(routed_query(parts, weights), weights)
+    else:
+        cache[key] = query_vectors(model, queries["query"].tolist(), v.heads, v.weights,
+                                   with_gate=v.weights == "gate")
+    return cache[key]
+
+
 def run_eval(cfg: Config) -> dict[str, Any]:
     """Write eval/metrics.json, eval/results.md and the plots; returns the metrics."""
-    from geoloc_ray.eval.report import write_report
+    from geoloc_ray.eval.report import is_diagnostic, write_report
     from geoloc_ray.model import load_model
     from geoloc_ray.runtime import init_ray
 
@@ -132,23 +193,45 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     model_uris = {m: artifacts.model_dir(cfg, m) for m in heads}
     for m in model_uris:
         artifacts.require(artifacts.model_manifest(cfg, m), "train")
+    if artifacts.MOE in model_uris:  # gallery columns follow model.platforms, the gate its manifest's order
+        check_experts_for_model(cfg.model.platforms, model_uris[artifacts.MOE], "eval gallery (model.platforms)")
     init_ray(cfg)
     queries = load_queries(cfg)
     corruptions = [(k, s) for k in cfg.eval.corruptions for s in cfg.eval.severities]
     gallery = embed_gallery(cfg, {m: (uri, heads[m]) for m, uri in model_uris.items()}, corruptions)
+    gate_model = _platform_gate_model(cfg, chosen)
     results: dict[str, Any] = {"variants": {}, "corruptions": {}, "curves": {}}
+    gates, ranks = {}, {}
     for model_name, uri in model_uris.items():
         model = load_model(uri).eval()
+        encoded: dict[tuple, Any] = {}
         for v in [v for v in chosen if v.model == model_name]:
-            scored = score_variant(v, model, queries, gallery, heads[model_name], list(cfg.eval.ks), corruptions)
+            qv = encode_queries(v, model, queries, encoded, gate_model)
+            scored = score_variant(v, model, queries, gallery, heads[model_name], list(cfg.eval.ks),
+                                   [] if is_diagnostic(v.name) else corruptions, qv)  # they probe routing
             results["variants"][v.name], results["curves"][v.name] = scored["metrics"], scored["curve"]
-            if scored["gate"] is not None:
-                results["gate"] = scored["gate"]
+            ranks[v.name] = scored["ranks"]
+            if scored["gate"] is not None and not v.places:
+                gates[v.name] = scored["gate"]
             for (kind, severity), block in scored["corruptions"].items():
                 results["corruptions"].setdefault(kind, {}).setdefault(str(severity), {})[v.name] = block
+    if gates:  # moe's gate at the top (as before), every routing's weight matrix under by_variant
+        results["gate"] = {**gates.get("moe", next(iter(gates.values()))), "by_variant": gates}
     results["meta"] = _meta(queries, gallery, list(cfg.eval.ks))
+    io.write_parquet(artifacts.per_query(cfg), per_query_table(queries, ranks))
     write_report(cfg, results)
     return results
+
+
+def _platform_gate_model(cfg: Config, chosen: list[Variant]) -> Any:
+    """models/gate (trunk + the gate trained on platform labels) when a variant routes with it, else None."""
+    if not any(v.weights == PLATFORM_GATE for v in chosen):
+        return None
+    from geoloc_ray.model import load_model
+
+    uri = artifacts.model_dir(cfg, artifacts.GATE)
+    artifacts.require(artifacts.model_manifest(cfg, artifacts.GATE), "train")
+    return load_model(uri, heads=[]).eval()
 
 
 def _meta(queries, gallery, ks: list[int]) -> dict[str, Any]:

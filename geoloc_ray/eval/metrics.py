@@ -45,12 +45,19 @@ def retrieval_metrics(
     }
 
 
+def location_ranks(ranked_ids: np.ndarray, gallery_locations: np.ndarray, query_locations: np.ndarray
+                   ) -> np.ndarray:
+    """Per query, the 0-based rank of the first image of its location (len if none): the per-query hits
+    behind location-level recall, kept so a multi-seed ladder can resample queries."""
+    safe = np.clip(ranked_ids, 0, None)
+    hit = (gallery_locations[safe] == query_locations[:, None]) & (ranked_ids >= 0)
+    return first_hit_rank(ranked_ids, hit)
+
+
 def recall_curve(ranked_ids: np.ndarray, gallery_locations: np.ndarray, query_locations: np.ndarray,
                  max_k: int) -> list[float]:
     """Location-level R@1..R@max_k, for the recall@K plot."""
-    safe = np.clip(ranked_ids, 0, None)
-    hit = (gallery_locations[safe] == query_locations[:, None]) & (ranked_ids >= 0)
-    ranks = first_hit_rank(ranked_ids, hit)
+    ranks = location_ranks(ranked_ids, gallery_locations, query_locations)
     return [float(100.0 * np.mean(ranks < k)) for k in range(1, max_k + 1)]
 
 
@@ -62,3 +69,38 @@ def chance_recall(gallery_locations: np.ndarray, query_locations: np.ndarray, k:
     counts = {loc: int(c) for loc, c in zip(*np.unique(gallery_locations, return_counts=True), strict=True)}
     probs = [1.0 - comb(n - counts.get(q, 0), k) / comb(n, k) for q in query_locations]
     return float(100.0 * np.mean(probs)) if probs else 0.0
+
+
+def first_per_group(ranked_ids: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the first k ranked ids of distinct groups (each location's best image), padded with -1.
+
+    A later image of an already chosen location is skipped, so the k answers are k different places.
+    """
+    out = np.full((len(ranked_ids), k), -1, dtype=np.int64)
+    for q, row in enumerate(ranked_ids):
+        seen: set = set()
+        for i in row[row >= 0]:
+            if groups[i] not in seen:
+                out[q, len(seen)] = i
+                seen.add(groups[i])
+                if len(seen) == k:
+                    break
+    return out
+
+
+def hit_column(variant: str, k: int) -> str:
+    """The per_query.parquet column of a variant's location-level hit@k (eval writes it, the ladder reads it)."""
+    return f"{variant}:hit@{k}"
+
+
+def per_query_table(queries, ranks: dict[str, np.ndarray], ks: Sequence[int] = (1, 10)):
+    """One row per query (id, its image, location and platform) with each variant's location-level hit@k:
+    what a multi-seed ladder resamples."""
+    import pandas as pd
+
+    table = pd.DataFrame({"query_id": [f"q{i:06d}" for i in range(len(queries))],
+                          **{c: queries[c].to_numpy() for c in ("image_id", "location_id", "platform")}})
+    for variant, r in ranks.items():
+        for k in ks:
+            table[hit_column(variant, k)] = np.asarray(r) < k
+    return table

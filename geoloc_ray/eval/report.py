@@ -9,12 +9,32 @@ from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
 
 LADDER = ["unified", "aligned", "static_ensemble", "moe"]
+# Rows of every table: the ladder, then moe with one image per location (k distinct places), then any others.
+ORDER = [*LADDER, "moe_places"]
+# The routing diagnostics get their own table (moe's experts under other routings, each expert alone).
+ROUTINGS = ["oracle_gate", "platform_gate"]
+
+
+def is_diagnostic(name: str) -> bool:
+    return name in ROUTINGS or name.startswith("expert_")
+
+
+def shown(names: Any) -> list[str]:
+    """The ladder-table variants present in `names`, in table order (known ones first, the rest as they come)."""
+    names = [n for n in names if not is_diagnostic(n)]
+    return [v for v in ORDER if v in names] + [v for v in names if v not in ORDER]
+
+
+def diagnostics(names: Any) -> list[str]:
+    """The routing diagnostics present in `names`: the routings, then the experts alone."""
+    names = list(names)
+    return [v for v in ROUTINGS if v in names] + [v for v in names if v.startswith("expert_")]
 
 
 def ladder_table(results: dict[str, Any], level: str = "location") -> str:
-    """The ablation ladder as a markdown table (recalls in percent)."""
+    """The ablation ladder (and moe_places) as a markdown table (recalls in percent)."""
     lines = [f"| variant ({level}) | R@1 | R@5 | R@10 | Score |", "|---|---:|---:|---:|---:|"]
-    for name in [v for v in LADDER if v in results["variants"]]:
+    for name in shown(results["variants"]):
         m = results["variants"][name][level]
         lines.append(f"| {name} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['score']:.2f} |")
     return "\n".join(lines)
@@ -24,18 +44,44 @@ def platform_table(results: dict[str, Any]) -> str:
     platforms = sorted({p for v in results["variants"].values() for p in v["per_platform"]})
     lines = ["| variant | " + " | ".join(f"{p} Score" for p in platforms) + " |",
              "|---|" + "---:|" * len(platforms)]
-    for name in [v for v in LADDER if v in results["variants"]]:
+    for name in shown(results["variants"]):
         per = results["variants"][name]["per_platform"]
         lines.append(f"| {name} | " + " | ".join(f"{per[p]['location']['score']:.2f}" for p in platforms) + " |")
     return "\n".join(lines)
 
 
+def routing_table(results: dict[str, Any]) -> str:
+    """moe next to its routing diagnostics: location-level R@1, R@10, Score and the Score per query platform."""
+    variants = results["variants"]
+    platforms = sorted({p for v in variants.values() for p in v["per_platform"]})
+    lines = ["| variant | R@1 | R@10 | Score | " + " | ".join(f"{p} Score" for p in platforms) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(platforms)]
+    for name in [n for n in ["moe"] if n in variants] + diagnostics(variants):
+        m, per = variants[name]["location"], variants[name]["per_platform"]
+        cells = [f"{per[p]['location']['score']:.2f}" if p in per else "-" for p in platforms]
+        lines.append(f"| {name} | {m['R@1']:.2f} | {m['R@10']:.2f} | {m['score']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gate_tables(gate: dict[str, Any]) -> str:
+    """Each routing's weight matrix: mean weight per expert (columns) by the query's true platform (rows)."""
+    parts = []
+    for name, summary in gate.get("by_variant", {"moe": gate}).items():
+        weights = summary["mean_weights"]
+        experts = list(next(iter(weights.values()))) if weights else []
+        parts += [f"**{name}** (top expert = query platform: {100 * summary['accuracy']:.1f}%)", "",
+                  "| query platform | " + " | ".join(experts) + " |", "|---|" + "---:|" * len(experts)]
+        parts += [f"| {p} | " + " | ".join(f"{row[e]:.2f}" for e in experts) + " |" for p, row in weights.items()]
+        parts.append("")
+    return "\n".join(parts)
+
+
 def corruption_table(results: dict[str, Any]) -> str:
-    lines = ["| corruption | severity | " + " | ".join(v for v in LADDER if v in results["variants"]) + " |",
-             "|---|---:|" + "---:|" * len([v for v in LADDER if v in results["variants"]])]
+    names = shown(results["variants"])
+    lines = ["| corruption | severity | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for kind, by_sev in results.get("corruptions", {}).items():
         for sev, by_var in sorted(by_sev.items()):
-            cells = [f"{by_var[v]['location']['score']:.2f}" for v in LADDER if v in by_var]
+            cells = [f"{by_var[v]['location']['score']:.2f}" if v in by_var else "-" for v in names]
             lines.append(f"| {kind} | {sev} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -47,32 +93,44 @@ def markdown(results: dict[str, Any]) -> str:
         f"{meta.get('queries')} queries over a mixed gallery of {meta.get('gallery')} images "
         f"({meta.get('locations')} locations); chance location-level {meta.get('chance')}.", "",
         "## Ablation ladder, location level (Score = (R@1 + R@10) / 2)", "", ladder_table(results, "location"), "",
+        "moe_places: the moe ranking with one image per location (its best), so the top k are k distinct places.",
+        "",
         "## Image level", "", ladder_table(results, "image"), "",
         "## Location-level Score per query platform", "", platform_table(results), "",
     ]
+    if diagnostics(results["variants"]):
+        parts += ["## Routing diagnostics, location level", "", routing_table(results), "",
+                  "oracle_gate: one-hot weight on the query's true platform (the upper bound of routing these "
+                  "experts); platform_gate: the gate trained on platform labels, before fused tuning; "
+                  "expert_<platform>: that expert alone over the mixed gallery.", ""]
     if results.get("gate"):
-        parts += ["## Gate", "", f"top-expert accuracy vs the query's platform: "
-                  f"{100 * results['gate']['accuracy']:.1f}%", ""]
+        parts += ["## Gate weights (query platform x expert)", "", gate_tables(results["gate"])]
     if results.get("corruptions"):
         parts += ["## Location-level Score under gallery image corruptions", "", corruption_table(results), ""]
     return "\n".join(parts)
 
 
-def _save_png(fig, uri: str) -> None:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend (jobs and workers have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, uri: str) -> None:
     buf = _pyio.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     io.write_bytes(uri, buf.getvalue())
 
 
 def plots(cfg: Config, results: dict[str, Any]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out = artifacts.eval_dir(cfg)
     written = []
-    names = [v for v in LADDER if v in results["variants"]]
+    names = shown(results["variants"])
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name in names:
@@ -80,7 +138,7 @@ def plots(cfg: Config, results: dict[str, Any]) -> list[str]:
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
     ax.set(xlabel="K", ylabel="location-level Recall@K (%)", title="Recall@K")
     ax.legend()
-    _save_png(fig, io.join(out, "recall_at_k.png"))
+    save_png(fig, io.join(out, "recall_at_k.png"))
     written.append("recall_at_k.png")
 
     platforms = sorted({p for n in names for p in results["variants"][n]["per_platform"]})
@@ -93,7 +151,7 @@ def plots(cfg: Config, results: dict[str, Any]) -> list[str]:
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(platforms))], platforms)
     ax.set(ylabel="location-level Score", title="Score per query platform")
     ax.legend(fontsize=8)
-    _save_png(fig, io.join(out, "per_platform.png"))
+    save_png(fig, io.join(out, "per_platform.png"))
     written.append("per_platform.png")
 
     if results.get("gate"):
@@ -106,7 +164,7 @@ def plots(cfg: Config, results: dict[str, Any]) -> list[str]:
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
         ax.set(xlabel="query platform", ylabel="mean gate weight", title="Gate weights by query platform")
         ax.legend(fontsize=8)
-        _save_png(fig, io.join(out, "gate_weights.png"))
+        save_png(fig, io.join(out, "gate_weights.png"))
         written.append("gate_weights.png")
 
     if results.get("corruptions"):
@@ -121,7 +179,7 @@ def plots(cfg: Config, results: dict[str, Any]) -> list[str]:
                         marker="o", label=name)
             ax.set(title=kind, xlabel="severity", ylabel="Score")
         axes[0][0].legend(fontsize=7)
-        _save_png(fig, io.join(out, "corruptions.png"))
+        save_png(fig, io.join(out, "corruptions.png"))
         written.append("corruptions.png")
     plt.close("all")
     return written

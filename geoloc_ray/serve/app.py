@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 
 def _manifests(a: AppArgs) -> tuple[dict, dict]:
     """The model's and the index build's manifests (plain JSON reads: no torch in the build task)."""
-    from geoloc_ray.index.store import check_model_version, read_manifest
+    from geoloc_ray.index.store import check_build, read_manifest
 
     model_manifest = io.read_json(artifacts.require(artifacts.model_manifest(a.run_uri(), a.model_name()), "train"))
     index_manifest = read_manifest(resolve_build(a.run_uri(), a.index_build))
-    check_model_version(index_manifest, model_manifest["model_version"])  # refuse before any replica starts
+    check_build(index_manifest, model_manifest)  # version and expert order: refuse before any replica starts
     return model_manifest, index_manifest
 
 

@@ -99,6 +99,31 @@ def merge_hits(hits: Sequence[ShardHits], k: int) -> list[tuple[float, dict[str,
     return out
 
 
+def one_per_location(ranked: Sequence[tuple[float, dict[str, Any]]]) -> list[tuple[float, dict[str, Any]]]:
+    """Keep each location's first (best) image of a ranked list: the places, in the order of their best image."""
+    seen: set[str] = set()
+    places = []
+    for score, row in ranked:
+        if str(row["location_id"]) not in seen:
+            seen.add(str(row["location_id"]))
+            places.append((score, row))
+    return places
+
+
+def pick(hits: Sequence[ShardHits], depth: int, needed: int,
+         group_by: str) -> tuple[list[tuple[float, dict[str, Any]]], bool]:
+    """The first `needed` results of the merged ranking of `depth` images per shard (one per location with
+    group_by location), and whether that is final: `needed` found, or the shards hold nothing more.
+
+    Only the merged top-`depth` is used: beyond it the shards' lists no longer add up to the global ranking.
+    """
+    ranked = merge_hits(hits, depth)
+    if group_by == "location":
+        ranked = one_per_location(ranked)
+    exhausted = all(len(h.scores) < depth for h in hits)
+    return ranked[:needed], len(ranked) >= needed or exhausted
+
+
 def finite_or_none(value: Any) -> float | None:
     """lat/lon are NaN (or None) when the corpus has no coordinates for a location."""
     if value is None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from geoloc_ray.serve.settings import MAX_K
+from geoloc_ray.config.sections import Platform
+from geoloc_ray.serve.settings import MAX_K, MAX_OFFSET
 
 
 class SearchRequest(BaseModel):
@@ -13,7 +16,14 @@ class SearchRequest(BaseModel):
 
     query: StrictStr = Field(description="natural-language description of the place; 1..max_query_chars "
                                          "characters (1000 by default) after whitespace normalisation")
-    k: StrictInt = Field(10, ge=1, le=MAX_K, description="how many images to return")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="how many results to return")
+    group_by: Literal["image", "location"] = Field(
+        "image", description="image: the top images; location: at most one image per location_id (its best), "
+                             "so the k results are k distinct places")
+    platforms: list[Platform] | None = Field(
+        None, min_length=1, max_length=3,
+        description="search only the gallery images of these platforms (the exact ranking restricted to them)")
+    offset: StrictInt = Field(0, ge=0, le=MAX_OFFSET, description="skip this many results (paging)")
 
 
 class SearchResult(BaseModel):
@@ -36,6 +46,9 @@ class GateWeights(BaseModel):
 class SearchResponse(BaseModel):
     query: str = Field(description="the query as the model saw it (normalised)")
     k: int
+    offset: int = 0
+    group_by: str = "image"
+    platforms: list[str] | None = None
     results: list[SearchResult]
     gate: GateWeights = Field(description="the gate's expert weights g(q)")
     weights_used: GateWeights = Field(description="weights the fused query used: the gate renormalised over "
@@ -55,11 +68,13 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
+    """With an API key set, a request without the key gets `status` only: the rest names versions and errors."""
+
     status: str = Field(description="ok, or degraded when a component did not answer")
     model_version: str | None = None
     index_build: str | None = None
-    components: dict[str, dict]
-    down: list[str] = Field(default_factory=list, description="components searches leave out until they answer")
+    components: dict[str, dict] | None = None
+    down: list[str] | None = Field(None, description="components searches leave out until they answer")
 
 
 ERROR_RESPONSES: dict[int | str, dict] = {

@@ -18,6 +18,7 @@ from geoloc_ray.config.sections import ServeAppConfig
 APP_NAME = "geoloc"
 API_KEY_ENV = "GEOLOC_API_KEY"
 MAX_K = 100  # DESIGN.md section 4: k in 1..100
+MAX_OFFSET = 10_000  # paging deeper than this is a crawl, not a search: refused (422)
 
 
 class AppArgs(ServeAppConfig):

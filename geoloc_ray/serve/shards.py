@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,18 @@ class ShardState:
     shard: Any  # geoloc_ray.index.store.Shard
     rows: list[dict[str, Any]]  # this shard's gallery rows by local id
     uri_by_id: dict[str, str]  # image_id -> image_uri, the only way a thumbnail finds a file
+    # (platforms) -> (how many rows they hold, faiss search params with an ID selector; None: every row)
+    restrictions: dict[tuple[str, ...], tuple[int, Any]] = field(default_factory=dict)
+
+    def restriction(self, platforms: tuple[str, ...]) -> tuple[int, Any]:
+        """The rows of `platforms` as a faiss ID selector (built once per platform set, then reused)."""
+        from geoloc_ray.index.store import restricted_params
+
+        if platforms not in self.restrictions:
+            ids = np.flatnonzero(np.isin([str(r["platform"]) for r in self.rows], platforms))
+            params = None if len(ids) in (0, len(self.rows)) else restricted_params(self.shard.index, ids)
+            self.restrictions[platforms] = (len(ids), params)
+        return self.restrictions[platforms]
 
 
 def resolve_build(run: str, build: str) -> str:
@@ -45,13 +57,14 @@ def resolve_build(run: str, build: str) -> str:
     return artifacts.index_build(run, build)
 
 
-def load_state(run: str, build: str, number: int, num_shards: int, model_version: str) -> ShardState:
-    """Read and check one shard of a build: model version, shard count, checksum (store.load_shard)."""
-    from geoloc_ray.index.store import check_model_version, load_metadata, load_shard, read_manifest
+def load_state(run: str, build: str, number: int, num_shards: int, model: dict[str, Any]) -> ShardState:
+    """Read and check one shard of a build against the model's manifest (version, expert order), its shard count
+    and checksum (store.check_build, store.load_shard)."""
+    from geoloc_ray.index.store import check_build, load_metadata, load_shard, read_manifest
 
     build_uri = resolve_build(run, build)
     manifest = read_manifest(build_uri)
-    check_model_version(manifest, model_version)
+    check_build(manifest, model)
     if len(manifest["shards"]) != num_shards:
         raise ValueError(f"build {manifest['build']} has {len(manifest['shards'])} shards but the app was deployed "
                          f"with {num_shards}: redeploy (serve deploy with changed args) to change the shard count")
@@ -85,14 +98,14 @@ class IndexShard:
 
         io.use_storage_options(storage)
         self.number, self.num_shards, self.run = number, num_shards, run
-        self.model_version = read_manifest(model_uri)["model_version"]
+        self.model = read_manifest(model_uri)
         self.thumbnail_px = thumbnail_px
         self.refused: dict[str, str] | None = None
         self.state = self._load(index_build)  # no build to fall back on: a bad one fails the replica
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
 
     def _load(self, build: str) -> ShardState:
-        return load_state(self.run, build, self.number, self.num_shards, self.model_version)
+        return load_state(self.run, build, self.number, self.num_shards, self.model)
 
     async def reconfigure(self, user_config: dict | None) -> None:
         build = str((user_config or {}).get("index_build", "latest"))
@@ -109,12 +122,17 @@ class IndexShard:
         self.state, self.refused = state, None
         log.info("IndexShard_%d: now serving index build %s", self.number, state.build)
 
-    def search(self, query: np.ndarray, k: int) -> ShardHits:
+    def search(self, query: np.ndarray, k: int, platforms: list[str] | None = None) -> ShardHits:
+        """This shard's top-k; with `platforms`, the top-k among those platforms' images (an ID selector in the
+        faiss search itself, so it is the index's ranking restricted, not a filtered short list)."""
         state = self.state  # one reference for the whole call: a swap mid-request cannot mix builds
         query = np.asarray(query, dtype=np.float32).reshape(1, -1)
         if query.shape[1] != state.dim:
             raise ValueError(f"query has {query.shape[1]} dims, index build {state.build} has {state.dim}")
-        scores, ids = state.shard.search(query, k)
+        allowed, params = state.restriction(tuple(sorted(platforms))) if platforms else (len(state.rows), None)
+        if not allowed:
+            return ShardHits(self.number, state.build, state.model_version, [], [])
+        scores, ids = state.shard.search(query, k, params)
         offset = state.shard.offset
         keep = [(float(s), int(i) - offset) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
         return ShardHits(self.number, state.build, state.model_version, [s for s, _ in keep],

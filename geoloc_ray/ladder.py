@@ -1,0 +1,178 @@
+"""`geoloc-ray ladder`: the pipeline once per seed, then each variant's mean and interval over seeds and the
+paired differences between consecutive rungs, so a rung's gain can be told apart from run-to-run noise.
+
+Each seed is a full run under artifacts/<ladder.name>/seed-<n> (up-to-date stages are skipped, so a rerun only
+aggregates); the intervals come from each run's eval/per_query.parquet (eval/intervals.py does the arithmetic).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from geoloc_ray import artifacts, io
+from geoloc_ray.config import Config, config_from_dict
+from geoloc_ray.eval.intervals import interval
+from geoloc_ray.eval.metrics import hit_column
+from geoloc_ray.eval.report import diagnostics, save_png, shown
+
+METRICS = ("R@1", "R@10", "score")  # location level, in percent
+# (earlier, later): each reported as later - earlier, paired on the same queries of the same seed.
+COMPARISONS = [("unified", "aligned"), ("aligned", "static_ensemble"), ("static_ensemble", "moe"),
+               ("moe", "oracle_gate")]
+# The method's claims (Score): (text, earlier, later, margin, kind); "gain": later >= earlier + margin,
+# "gap": later - earlier <= margin (moe within `margin` points of its routing upper bound).
+CLAIMS = [("moe >= static_ensemble + 2", "static_ensemble", "moe", 2.0, "gain"),
+          ("static_ensemble >= aligned + 2", "aligned", "static_ensemble", 2.0, "gain"),
+          ("moe within 2 points of oracle_gate", "moe", "oracle_gate", 2.0, "gap")]
+
+
+def ladder_uri(cfg: Config) -> str:
+    return artifacts.ladder_dir(cfg, cfg.ladder.name)
+
+
+def seed_config(cfg: Config, seed: int) -> Config:
+    """Seed n's run: its own artifacts folder and training seed n; with `vary: world` also world n in its own
+    data.root. Eval gets every variant the comparisons need."""
+    tree = cfg.model_dump(mode="json")
+    tree["seed"], tree["artifacts"] = seed, artifacts.ladder_seed_run(ladder_uri(cfg), seed)
+    needed = [v for pair in COMPARISONS for v in pair]
+    tree["eval"]["variants"] += [v for v in dict.fromkeys(needed) if v not in tree["eval"]["variants"]]
+    if cfg.ladder.vary == "world":
+        tree["data"]["root"] = f"{cfg.data.root.rstrip('/')}-seed-{seed}"
+        tree["synth"]["seed"] = seed
+    return config_from_dict(tree, source=f"ladder seed {seed}")
+
+
+def run_ladder(cfg: Config, seeds: Sequence[int] | None = None) -> str:
+    """Train and evaluate every seed (reusing what is up to date), aggregate, write ladder.{md,json,png}."""
+    from geoloc_ray.pipeline import ensure_world, run_pipeline
+    from geoloc_ray.stages import BY_NAME
+
+    seeds = list(dict.fromkeys(seeds if seeds else cfg.ladder.seeds))
+    if cfg.ladder.interval == "t" and len(seeds) < 2:
+        raise ValueError("ladder.interval t needs at least two seeds (or use bootstrap)")
+    frames, runs = {}, {}
+    for seed in seeds:
+        run = seed_config(cfg, seed)
+        if cfg.ladder.vary == "world":
+            ensure_world(run, None, seed)
+        run_pipeline(run)
+        if not io.exists(artifacts.per_query(run)):  # an eval from before per-query files: redo eval alone
+            BY_NAME["eval"].run(run)
+        frames[seed], runs[str(seed)] = io.read_parquet(artifacts.per_query(run)), run.artifacts
+    summary = {**summarize(frames, cfg), "runs": runs}
+    write_ladder(ladder_uri(cfg), summary)
+    return markdown(summary)
+
+
+def _values(frame: Any, variant: str, metric: str) -> np.ndarray:
+    """Per-query values whose mean is the metric, in percent (Score: the mean of hit@1 and hit@10)."""
+    hit1, hit10 = (frame[hit_column(variant, k)].to_numpy(dtype=np.float64) for k in (1, 10))
+    return 100.0 * {"R@1": hit1, "R@10": hit10, "score": (hit1 + hit10) / 2}[metric]
+
+
+def method_text(cfg: Config) -> str:
+    lc = cfg.ladder
+    if lc.interval == "t":
+        return f"paired t-interval over seed means ({100 * lc.confidence:g}%)"
+    return (f"paired bootstrap over queries within each seed, then over seeds ({lc.resamples} resamples, "
+            f"{100 * lc.confidence:g}% percentile interval)")
+
+
+def summarize(frames: dict[int, Any], cfg: Config) -> dict[str, Any]:
+    """Mean and interval per variant and metric, and the paired differences of COMPARISONS, from each seed's
+    per-query hits. A variant missing from any seed is left out."""
+    lc = cfg.ladder
+
+    def ci(per_seed: list[np.ndarray]) -> dict[str, float]:
+        rng = np.random.default_rng(lc.bootstrap_seed)  # the same resamples for every variant and difference
+        return interval(per_seed, lc.interval, lc.resamples, lc.confidence, rng).as_dict()
+
+    columns = [c for c in next(iter(frames.values())).columns if all(c in f for f in frames.values())]
+    names = [c.removesuffix(":hit@1") for c in columns if c.endswith(":hit@1") and f"{c}0" in columns]
+    present = shown(names) + diagnostics(names)
+    seeds = sorted(frames)
+    out: dict[str, Any] = {"seeds": seeds, "vary": lc.vary, "method": method_text(cfg), "variants": {},
+                           "differences": [], "queries": {str(s): len(frames[s]) for s in seeds}}
+    for v in present:
+        out["variants"][v] = {m: ci([_values(frames[s], v, m) for s in seeds]) for m in METRICS}
+        out["variants"][v]["per_seed"] = {str(s): {m: round(float(_values(frames[s], v, m).mean()), 4)
+                                                    for m in METRICS} for s in seeds}
+    for earlier, later in [p for p in COMPARISONS if set(p) <= set(present)]:
+        diff = {m: ci([_values(frames[s], later, m) - _values(frames[s], earlier, m) for s in seeds])
+                for m in METRICS}
+        out["differences"].append({"from": earlier, "to": later, **diff,
+                                   "significant": {m: not d["low"] <= 0 <= d["high"] for m, d in diff.items()}})
+    out["claims"] = claims(out["differences"])
+    return out
+
+
+def claims(differences: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CLAIMS judged on the Score difference: "holds"/"fails" when the whole interval is on one side of the
+    margin, else "undecided"; `on_mean` says which side the mean is on."""
+    by_pair = {(d["from"], d["to"]): d["score"] for d in differences}
+    out = []
+    for text, earlier, later, margin, kind in CLAIMS:
+        d = by_pair.get((earlier, later))
+        if d is None:
+            continue
+        sign = 1.0 if kind == "gain" else -1.0  # gap: the claim is later - earlier <= margin
+        low, high = sorted((sign * (d["low"] - margin), sign * (d["high"] - margin)))
+        verdict = "holds" if low >= 0 else "fails" if high < 0 else "undecided"
+        out.append({"claim": text, "difference": d, "verdict": verdict,
+                    "on_mean": bool(sign * (d["mean"] - margin) >= 0)})
+    return out
+
+
+def _cell(d: dict[str, float], signed: bool = False) -> str:
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return f"{fmt.format(d['mean'])} [{fmt.format(d['low'])}, {fmt.format(d['high'])}]"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    seeds = ", ".join(map(str, summary["seeds"]))
+    lines = [f"# Ladder over seeds {seeds} (seeds vary: {summary['vary']})", "",
+             f"Location level, percent; mean [interval]. Intervals: {summary['method']}.", "",
+             "| variant | R@1 | R@10 | Score | Score per seed |", "|---|---:|---:|---:|---|"]
+    for v, s in summary["variants"].items():
+        per_seed = ", ".join(f"{p['score']:.1f}" for p in s["per_seed"].values())
+        lines.append(f"| {v} | " + " | ".join(_cell(s[m]) for m in METRICS) + f" | {per_seed} |")
+    lines += ["", "## Paired differences (later - earlier, same queries)", "",
+              "| comparison | R@1 | R@10 | Score | Score interval excludes 0 |", "|---|---:|---:|---:|---|"]
+    for d in summary["differences"]:
+        lines.append(f"| {d['to']} - {d['from']} | " + " | ".join(_cell(d[m], signed=True) for m in METRICS)
+                     + f" | {'yes' if d['significant']['score'] else 'no'} |")
+    if summary.get("claims"):
+        lines += ["", "## Claims (Score)", ""]
+        lines += [f"- {c['claim']}: {c['verdict']} (difference {_cell(c['difference'], signed=True)}; "
+                  f"{'met' if c['on_mean'] else 'not met'} on the mean)" for c in summary["claims"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, Any], uri: str) -> None:
+    """Mean R@1 / R@10 / Score per variant with interval error bars."""
+    from geoloc_ray.eval.report import pyplot
+
+    plt = pyplot()
+    names = list(summary["variants"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 3.8))
+    width = 0.8 / len(METRICS)
+    for i, m in enumerate(METRICS):
+        cells = [summary["variants"][v][m] for v in names]
+        means = np.array([c["mean"] for c in cells])
+        err = np.array([[c["mean"] - c["low"] for c in cells], [c["high"] - c["mean"] for c in cells]])
+        ax.bar(np.arange(len(names)) + i * width, means, width, yerr=err.clip(0), capsize=3, label=m)
+    ax.set_xticks(np.arange(len(names)) + width, names, rotation=30, ha="right")
+    ax.set(ylabel="location level (%)", title=f"seeds {summary['seeds']}: mean and interval")
+    ax.legend(fontsize=8)
+    save_png(fig, uri)
+    plt.close(fig)
+
+
+def write_ladder(uri: str, summary: dict[str, Any]) -> None:
+    io.write_json(artifacts.ladder_json(uri), summary)
+    io.write_text(artifacts.ladder_markdown(uri), markdown(summary))
+    plot(summary, artifacts.ladder_plot(uri))
