@@ -12,7 +12,14 @@ from typing import Any
 
 from geoloc_ray.captions.cache import RefineCache, cache_key, write_shard
 from geoloc_ray.captions.prompts import build_messages
-from geoloc_ray.captions.refiner import RefineSettings, attach_outcomes, batch_inputs, finalize, make_entry
+from geoloc_ray.captions.refiner import (
+    RefineSettings,
+    attach_outcomes,
+    batch_inputs,
+    count_rejections,
+    finalize,
+    make_entry,
+)
 
 _WORK_COLUMNS = ("refine_key", "refine_output", "refine_was_cached")
 
@@ -164,6 +171,7 @@ def finalize_batch(batch, settings: RefineSettings):
         finalize(t, p, {"output": o or ""}, bool(h), settings)
         for t, p, o, h in zip(texts, platforms, outputs, hits, strict=True)
     ]
+    count_rejections(outcomes, platforms)
     return attach_outcomes(batch.drop_columns(list(_WORK_COLUMNS)), outcomes)
 
 
