@@ -143,6 +143,8 @@ def log_path(cfg: Config, command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from geoloc_ray.runtime import in_ray_job
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         output: contextlib.AbstractContextManager = contextlib.nullcontext()
-        if args.command in QUIET_COMMANDS and not args.verbose:
+        # A Ray job's output is its job log (dashboard, `ray job logs`): only an interactive run goes quiet.
+        if args.command in QUIET_COMMANDS and not args.verbose and not in_ray_job():
             from geoloc_ray.console import quiet
 
             log = log_path(cfg, args.command)

@@ -21,6 +21,11 @@ def connect(cfg: Config) -> None:
     init_ray(cfg)
 
 
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` (the job supervisor sets this variable)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
 def init_ray(cfg: Config | None = None, **overrides) -> None:
     """Idempotent `ray.init`. Inside `ray job submit` the job's cluster is found automatically."""
     import ray
@@ -31,7 +36,7 @@ def init_ray(cfg: Config | None = None, **overrides) -> None:
     rc = cfg.ray if cfg is not None else None
     address = overrides.pop("address", None) or (rc.address if rc else None) or os.environ.get("RAY_ADDRESS")
     kwargs: dict = {"ignore_reinit_error": True, "log_to_driver": True}
-    if address or os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+    if address or in_ray_job():
         # A submitted job (or a given cluster) owns its runtime env: adding env vars here would fail to merge
         # with the job's. Storage options still reach workers: stages pass them explicitly.
         kwargs["address"] = address

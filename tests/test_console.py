@@ -47,3 +47,14 @@ def test_quiet_commands_log_under_the_run_folder(tmp_path: Path) -> None:
     assert path.startswith(str(tmp_path / "run" / "logs")) and path.endswith(".log")
     remote = config_from_dict({"artifacts": "s3://bucket/run"})
     assert not log_path(remote, "pipeline").startswith("s3://")  # a log file is written locally
+
+
+def test_a_ray_job_is_never_quiet(tmp_path: Path, monkeypatch) -> None:
+    """In `ray job submit` the driver's output is the job log users read: no redirection there."""
+    import geoloc_ray.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run", lambda cfg, args: seen.append(__import__("os").environ.get("GEOLOC_QUIET")))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    assert cli.main(["pipeline", "--set", f"artifacts={tmp_path / 'run'}"]) == 0
+    assert seen == [None] and not (tmp_path / "run" / "logs").exists()
