@@ -88,13 +88,12 @@ def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
     model = _init_model(cfg, job)
     optimizer, scheduler = make_optimizer(model, job, cfg)
     device = torch.device("cpu")
-    params = model.trainable_parameters()
     ctx = make_context(model, job, cfg, rng, device, shard)
     epochs = []
     for epoch in range(job.epochs):
         t0 = time.perf_counter()
         model.train()
-        n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler, params)
+        n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler)
         epochs.append({"epoch": epoch, "steps": n_steps, "epoch_s": time.perf_counter() - t0,
                        "loss": totals["loss"] / n_steps})
     return epochs
@@ -115,14 +114,14 @@ def _report_logger(path: str):
 
 
 def ray_fit(cfg, job, rows: list[dict[str, Any]], tmp: str) -> dict[str, Any]:
-    """One `make_trainer(...).fit()` (1 worker, the CPUs `worker_cpus` gives it); reports with wall times."""
+    """One `make_trainer(...).fit()` (1 worker, the CPUs `worker_resources` gives it); reports with wall times."""
     import ray.data
 
-    from geoloc_ray.train.fit import make_trainer, worker_cpus
+    from geoloc_ray.train.fit import make_trainer, worker_resources
 
     dataset = ray.data.from_items(rows).materialize()
     log = str(Path(tmp) / "reports.jsonl")
-    cpus = worker_cpus(cfg, 1)
+    cpus = worker_resources(cfg, 1)["CPU"]
     trainer = make_trainer(cfg, job, dataset, num_workers=1, cpus=cpus, run_name=f"bench-{job.name}")
     trainer.run_config.callbacks.append(_report_logger(log))
     start = time.time()

@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from geoloc_ray.train.batches import TextSampler, location_codes
+from geoloc_ray.train.batches import TextSampler, location_keys
 from geoloc_ray.train.losses import gate_loss, info_nce
 
 
@@ -59,14 +59,17 @@ def test_gate_loss_prefers_the_true_platform():
     assert gate_loss(right, y) < gate_loss(right[[1, 2, 0]], y)
 
 
-def test_location_codes_are_shared_across_positives_and_nested_negatives():
+def test_location_keys_are_shared_across_positives_nested_negatives_and_calls():
     import numpy as np
 
     pos = np.array(["0001", "0002"], dtype=object)
     neg = np.empty(2, dtype=object)
     neg[:] = [np.array(["0002", "0003"]), np.array(["0001", "0004"])]
-    a, b = location_codes(pos, neg)
-    assert a.tolist() == [0, 1] and b.tolist() == [1, 2, 0, 3]
+    a, b = location_keys(pos, neg)
+    (k1, k2), (n2, n3, n1, n4) = a.tolist(), b.tolist()
+    assert a.dtype == torch.int64 and len({k1, k2, n3, n4}) == 4 and (n2, n1) == (k2, k1)
+    (again,) = location_keys(np.array(["0004", "0001"]))  # another worker's batch: the same keys
+    assert again.tolist() == [n4, k1]
 
 
 def test_text_sampler_draws_one_to_n_statements_of_the_same_image():
@@ -106,3 +109,16 @@ def test_fused_loss_follows_the_gate_towards_the_expert_that_ranks_the_positive_
     weights = torch.tensor([[0.5, 0.5]], requires_grad=True)
     multi_positive_nce(fused_logits(weights, per_expert, 0.1), positives).backward()
     assert weights.grad[0, 0] < weights.grad[0, 1]  # descending moves weight onto expert 0
+
+
+def test_the_rows_of_two_workers_average_to_the_whole_batch_loss():
+    """`local_loss` semantics: each worker's rows of the global loss; their mean is the one-worker loss."""
+    from geoloc_ray.train.losses import GlobalBatch
+
+    torch.manual_seed(0)
+    t, v, hard = _unit(torch.randn(8, 16)), _unit(torch.randn(8, 16)), _unit(torch.randn(16, 16))
+    locs, hard_locs = torch.tensor([0, 1, 2, 0, 3, 4, 5, 3]), torch.arange(16) % 7
+    whole = info_nce(t, v, locs, 0.1, hard, hard_locs)
+    halves = [info_nce(t[s], v[s], locs[s], 0.1, everyone=GlobalBatch(t, v, locs, s.start, hard, hard_locs))
+              for s in (slice(0, 4), slice(4, 8))]
+    assert torch.isclose(whole, sum(halves) / 2, atol=1e-6)

@@ -100,6 +100,20 @@ def test_the_schedule_is_computed_not_mutated():
     assert (job.steps_per_epoch, job.epochs) == (1, 2)
     big = scheduled(job, rows=800, batch_size=8, min_steps=20)
     assert (big.steps_per_epoch, big.epochs) == (100, 2)
+    # two workers: each takes half the steps, so the schedule and min_steps count half as many per epoch
+    two = scheduled(job, rows=800, batch_size=8, min_steps=120, workers=2)
+    assert (two.steps_per_epoch, two.epochs) == (50, 3)
+    assert scheduled(job, rows=21, batch_size=8, min_steps=0, workers=2).steps_per_epoch == 2  # 10 rows: 8 + 2
+
+
+def test_a_worker_request_no_node_could_hold_fails_naming_the_config_key():
+    from geoloc_ray.train.fit import unsatisfiable
+
+    nodes = [{"CPU": 0.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 32.0}]
+    assert unsatisfiable({"CPU": 8.0, "GPU": 1.0}, nodes) is None
+    assert "train.cpus_per_worker" in unsatisfiable({"CPU": 64.0}, nodes, "node type")
+    assert "train.use_gpu" in unsatisfiable({"CPU": 1.0, "GPU": 1.0}, [{"CPU": 4.0}])
+    assert "no single node" in unsatisfiable({"CPU": 16.0, "GPU": 1.0}, nodes)  # each fits somewhere, not both
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +128,7 @@ def _trained(cfg, job, shard, epochs=2):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer, scheduler = make_optimizer(model, job, cfg)
     ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", shard)
-    losses = [run_epoch(ctx, e, optimizer, scheduler, model.trainable_parameters()) for e in range(epochs)]
+    losses = [run_epoch(ctx, e, optimizer, scheduler) for e in range(epochs)]
     changed = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("heads.") else "")
                for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     return model, losses, changed
@@ -147,7 +161,7 @@ def test_the_frozen_trunk_sees_each_statement_once_over_epochs(demo, text_layers
     optimizer, scheduler = make_optimizer(model, job, cfg)
     ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
     for epoch in range(2):
-        run_epoch(ctx, epoch, optimizer, scheduler, model.trainable_parameters())
+        run_epoch(ctx, epoch, optimizer, scheduler)
     statements = {str(s) for texts in _pairs()["texts"] for s in texts}
     assert sorted(seen) == sorted(set(seen)) and set(seen) <= statements
     assert len(ctx.cache) == len(seen)

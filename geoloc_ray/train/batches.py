@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -16,14 +17,15 @@ def _strings(group) -> np.ndarray:
     return arr.astype(str)
 
 
-def location_codes(*groups) -> list[torch.Tensor]:
-    """Integer codes for location ids (flattened), consistent across groups (positives and mined negatives)."""
-    flats = [_strings(g) for g in groups]
-    _, inverse = np.unique(np.concatenate(flats), return_inverse=True)
-    out, start = [], 0
-    for f in flats:
-        out.append(torch.as_tensor(inverse[start : start + len(f)], dtype=torch.long))
-        start += len(f)
+def location_keys(*groups) -> list[torch.Tensor]:
+    """int64 keys of location ids (flattened), one per id, equal for equal ids in every process: workers compare
+    keys gathered from each other (positives and mined negatives too), so a per-batch numbering would not do."""
+    out = []
+    for group in groups:
+        flat = _strings(group)
+        keys = [int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little", signed=True)
+                for s in flat]
+        out.append(torch.as_tensor(np.asarray(keys, dtype=np.int64).reshape(len(flat))))
     return out
 
 

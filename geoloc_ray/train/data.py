@@ -17,15 +17,29 @@ from geoloc_ray.preprocess.images import decode_pixels
 PAIR_COLUMNS = ["image_id", "platform", "location_id", "texts", "pixels"]
 
 
+def _has_text(batch: dict[str, Any]) -> np.ndarray:
+    """Rows with at least one statement: a row refined to no text can be no query. Dropped here, before Ray Data
+    splits the rows among the workers, so no worker filters its own shard down to fewer steps than the others."""
+    return np.array([len(t) > 0 for t in batch["texts"]], dtype=bool)
+
+
+def with_text(batch: dict[str, Any]) -> dict[str, Any]:
+    keep = _has_text(batch)
+    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
 def decode_batch(batch: dict[str, Any], *, size: int, storage: dict | None = None) -> dict[str, Any]:
     io.use_storage_options(storage)
-    pixels, ok = decode_pixels(batch["image_uri"], size)
-    keep = np.asarray(ok, dtype=bool)
+    has_text = _has_text(batch)
+    pixels, ok = decode_pixels(list(np.asarray(batch["image_uri"])[has_text]), size)
+    keep = np.zeros(len(has_text), dtype=bool)
+    keep[has_text] = np.asarray(ok, dtype=bool)
+    pixels = pixels[np.asarray(ok, dtype=bool)]
     out = {k: np.asarray(v)[keep] for k, v in batch.items() if k in PAIR_COLUMNS and k != "texts"}
     texts = np.empty(int(keep.sum()), dtype=object)  # lists, not arrays: Arrow stores them as list<string>
     texts[:] = [[str(t) for t in row] for row, k in zip(batch["texts"], keep, strict=True) if k]
     out["texts"] = texts
-    out["pixels"] = pixels[keep]
+    out["pixels"] = pixels
     return out
 
 
@@ -90,7 +104,7 @@ def pairs_dataset(source: Source, size: int, materialize: bool = True):
 def texts_dataset(source: Source, size: int):
     """Each image's statements and platform, for the gate: no pixels, so `size` is not used."""
     ds = io.read_dataset_parquet(source.uri, columns=["texts", "platform", "location_id"])
-    return _only(ds, source).materialize()
+    return _only(ds, source).map_batches(with_text, batch_format="numpy", num_cpus=0.5).materialize()
 
 
 def triplets_dataset(source: Source, size: int, materialize: bool = True):

@@ -36,15 +36,65 @@ def _storage(cfg: Config) -> tuple[str, Any]:
     return io.strip_protocol(uri), io.arrow_filesystem(uri)
 
 
-def worker_cpus(cfg: Config, concurrent_workers: int) -> float:
-    """Fit concurrent trainers on the cluster: never ask for more CPUs than exist (they would never start)."""
+CONFIG_KEYS = {"CPU": "train.cpus_per_worker", "GPU": "train.use_gpu"}
+
+
+def unsatisfiable(request: dict[str, float], nodes: list[dict[str, float]], what: str = "node") -> str | None:
+    """Why no one of `nodes` (resource dicts) could ever hold one worker, naming the config key; None if one can."""
+    if any(all(node.get(k, 0.0) >= v for k, v in request.items()) for node in nodes):
+        return None
+    for key, value in request.items():
+        most = max((node.get(key, 0.0) for node in nodes), default=0.0)
+        if most < value:
+            return (f"a train worker asks for {key}={value:g} ({CONFIG_KEYS.get(key, key)}), but the largest {what} "
+                    f"has {key}={most:g}: it could never start")
+    return f"a train worker asks for {request} ({', '.join(CONFIG_KEYS.values())}), which no single {what} has"
+
+
+def _autoscaler_node_types() -> list[dict[str, float]] | None:
+    """The node types an autoscaler may start, when Ray reports them (what Ray Train's own check reads)."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older or newer Ray without it: nothing to check against
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    return [{k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs if g.max_count != 0]
+
+
+def _started_here() -> bool:
+    """This driver started its own local instance (`ray.init()` without an address): no autoscaler behind it."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    return bool(node is not None and node.is_head())
+
+
+def worker_resources(cfg: Config, concurrent_workers: int) -> dict[str, float]:
+    """What each train worker asks of Ray: the config's request as written (an autoscaler brings nodes for it),
+    checked against the node types that could ever hold it, so an impossible request fails now, not after a
+    timeout. On a fixed instance with `train.fit_cpus_to_instance` (the local demo), the CPUs are shared out
+    among the workers of the fits that run at once, as the instance has no more to give."""
     import ray
 
-    total = float(ray.cluster_resources().get("CPU", 1.0))
-    return max(0.1, min(cfg.train.cpus_per_worker, 0.9 * total / max(concurrent_workers, 1)))
+    request = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    node_types, what = _autoscaler_node_types(), "node type"
+    if node_types is None and (cfg.train.fit_cpus_to_instance or _started_here()):
+        node_types, what = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")], "node"
+        if cfg.train.fit_cpus_to_instance:
+            total = sum(n.get("CPU", 0.0) for n in node_types)
+            request["CPU"] = max(0.1, min(request["CPU"], 0.9 * total / max(concurrent_workers, 1)))
+    problem = unsatisfiable(request, node_types, what) if node_types is not None else None
+    if problem:
+        raise ValueError(problem)
+    return request
 
 
 def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: float, run_name: str):
+    """One TorchTrainer: `num_workers` workers of `cpus` CPUs (and a GPU each with `train.use_gpu`), placed by
+    `train.placement_strategy`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -58,7 +108,8 @@ def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: flo
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job.to_dict(), "cpus": cpus},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.train.placement_strategy),
         run_config=RunConfig(
             name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -77,8 +128,10 @@ def _fit_and_export(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: 
         raise RuntimeError(f"training job {job.name!r} reported no checkpoint (0 epochs?)")
     with result.checkpoint.as_directory() as d:
         model = load_model(d)
+    training = (model.manifest or {}).get("extra", {}).get("training", {})  # world size, a node id per worker
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
-    save_model(model, out_uri, cfg, extra={"job": job.to_dict(), "metrics": metrics, "run": run_name, **extra})
+    save_model(model, out_uri, cfg, extra={"job": job.to_dict(), "metrics": metrics, "run": run_name,
+                                           "training": training, **extra})
     return FitResult(job.name, out_uri, metrics)
 
 
@@ -87,7 +140,7 @@ def fit_concurrently(cfg: Config, jobs: list[tuple[JobSpec, Any, str, str]], num
     """Each (job, dataset, run_name, out_uri) gets its own TorchTrainer; all run at the same time."""
     import ray
 
-    cpus = worker_cpus(cfg, num_workers * len(jobs))
+    cpus = worker_resources(cfg, num_workers * len(jobs))["CPU"]
     if len(jobs) == 1:
         job, ds, run_name, out = jobs[0]
         return [_fit_and_export(cfg, job, ds, num_workers, cpus, run_name, out, extra or {})]

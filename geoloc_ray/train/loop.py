@@ -4,7 +4,8 @@ A job's kind (a key of `kinds.KINDS`) says what trains, on which batches, under 
 (contrastive on image/text pairs: stage 0 and expert stage 1), `triplets` (stage 2 with mined hard negatives),
 `gate` (platform classification on trunk query features), `gate_fused` (the gate tuned on the fused retrieval
 loss over held-out locations, experts frozen). Each epoch ends with
-`ray.train.report(metrics, checkpoint)`; a restarted worker resumes from the last checkpoint.
+`ray.train.report(metrics, checkpoint)`; a restarted worker resumes from the last checkpoint. With several
+workers the trainable parts run under DDP and the contrastive losses see the global batch (`parallel`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class JobSpec:
     epochs: int = 1
     lr: float = 2e-5
     seed: int = 0
-    steps_per_epoch: int = 1  # for the learning-rate schedule (the driver counts the dataset)
+    steps_per_epoch: int = 1  # steps EACH worker takes per epoch, for the schedule (the driver counts the rows)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +75,8 @@ def _set_trainable(model, job: JobSpec) -> None:
 
 
 def make_optimizer(model, job: JobSpec, cfg: Config):
-    """AdamW with the pretrained text layers at a smaller lr; linear warmup then cosine decay."""
+    """AdamW with the pretrained text layers at a smaller lr; linear warmup then cosine decay, over the steps this
+    worker takes (`job.steps_per_epoch` is per worker)."""
     import math
 
     import torch
@@ -98,38 +100,37 @@ def make_optimizer(model, job: JobSpec, cfg: Config):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def sync_gradients(params: list) -> None:
-    """Average gradients over the data-parallel workers (what DDP does; our heads run through split calls)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
+def on_device(model, job: JobSpec, cfg: Config, device, opt_state: dict | None = None) -> tuple[Any, Any]:
+    """Move the model to `device`, then build its optimizer and schedule, then restore their state: loaded after
+    the move, AdamW's moments land on the parameters' device (a CUDA resume mixes nothing)."""
+    model.to(device)
+    optimizer, scheduler = make_optimizer(model, job, cfg)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state["optimizer"])
+        scheduler.load_state_dict(opt_state["scheduler"])
+    return optimizer, scheduler
 
 
-def broadcast_parameters(model) -> None:
-    """Start every worker from rank 0's weights."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for p in model.state_dict().values():
-            dist.broadcast(p, src=0)
+def _rows(batch: dict[str, Any]) -> int:
+    return len(next(iter(batch.values())))
 
 
-def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler, params: list) -> tuple[int, dict[str, float]]:
-    """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function."""
+def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler) -> tuple[int, dict[str, float]]:
+    """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function.
+
+    Every worker takes the same number of steps (`parallel.agreed`); with several, the loss runs through DDP.
+    """
+    from geoloc_ray.train.parallel import agreed
+
     kind = kind_of(ctx.job.kind)
+    loss_of = ctx.parallel or kind.loss
     totals = {"loss": 0.0, "acc": 0.0}
     n_steps = 0
-    for batch in kind.batches(ctx, epoch):
-        loss, acc = kind.loss(ctx, batch)
+    for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device):
+        ctx.sizes = sizes
+        loss, acc = loss_of(ctx, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        sync_gradients(params)
         optimizer.step()
         scheduler.step()
         totals["loss"] += float(loss.detach())
@@ -138,40 +139,63 @@ def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler, params: list) 
     return n_steps, totals
 
 
-def _restore() -> tuple[Any, int]:
-    """(model, first epoch) from the last reported checkpoint, or (None, 0) on a fresh start."""
-    import ray.train
+def write_checkpoint(folder: str, model, optimizer, scheduler, cfg: Config, job: JobSpec, epoch: int,
+                     training: dict[str, Any] | None = None) -> None:
+    """Weights as safetensors (+ manifest with the job, epoch and where it trained), optimizer, schedule, epoch."""
+    import torch
+
+    from geoloc_ray.model import save_model
+
+    save_model(model, folder, cfg, extra={"job": job.to_dict(), "epoch": epoch, "training": training or {}})
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               os.path.join(folder, OPTIMIZER_FILE))
+    with open(os.path.join(folder, STATE_FILE), "w") as f:
+        json.dump({"epoch": epoch, "job": job.to_dict()}, f)
+
+
+def read_checkpoint(folder: str) -> tuple[Any, dict, int]:
+    """(model on the CPU, optimizer + schedule state, first epoch to run) from `write_checkpoint`'s folder."""
     import torch
 
     from geoloc_ray.model import load_model
 
+    model = load_model(folder)
+    state = json.loads(open(os.path.join(folder, STATE_FILE)).read())
+    opt_state = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True, map_location="cpu")
+    return model, opt_state, int(state["epoch"]) + 1
+
+
+def _restore() -> tuple[Any, dict | None, int]:
+    """(model, optimizer state, first epoch) from the last reported checkpoint, or (None, None, 0)."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None, 0
+        return None, None, 0
     with checkpoint.as_directory() as d:
-        model = load_model(d)
-        state = json.loads(open(os.path.join(d, STATE_FILE)).read())
-        opt_state = torch.load(os.path.join(d, OPTIMIZER_FILE), weights_only=True)
-    return (model, opt_state), int(state["epoch"]) + 1
+        return read_checkpoint(d)
 
 
-def _report(model, optimizer, scheduler, cfg: Config, job: JobSpec, metrics: dict[str, Any]) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (weights as safetensors + optimizer + epoch)."""
+def _report(model, optimizer, scheduler, cfg: Config, job: JobSpec, metrics: dict[str, Any],
+            training: dict[str, Any]) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint."""
     import ray.train
-    import torch
-
-    from geoloc_ray.model import save_model
 
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_model(model, d, cfg, extra={"job": job.to_dict(), "epoch": metrics["epoch"]})
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   os.path.join(d, OPTIMIZER_FILE))
-        with open(os.path.join(d, STATE_FILE), "w") as f:
-            json.dump({"epoch": metrics["epoch"], "job": job.to_dict()}, f)
+        write_checkpoint(d, model, optimizer, scheduler, cfg, job, metrics["epoch"], training)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _where() -> dict[str, Any]:
+    """The manifest's `extra.training`: how many workers trained, and the Ray node each ran on (rank order)."""
+    import ray
+
+    from geoloc_ray.train.parallel import gather_objects, world
+
+    return {"world_size": world()[1], "node_ids": gather_objects(ray.get_runtime_context().get_node_id())}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -179,6 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from geoloc_ray.runtime import use_storage
+    from geoloc_ray.train.parallel import data_parallel
 
     cfg = Config.model_validate(config["cfg"])
     use_storage(cfg)  # this worker may read s3:// checkpoints through a custom endpoint
@@ -186,34 +211,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     # Threads = the CPUs this worker was given (several trainers share a node): more would only thrash.
     torch.set_num_threads(cfg.train.torch_threads or max(1, int(config.get("cpus", cfg.train.cpus_per_worker))))
-    torch.manual_seed(job.seed + rank)
-    rng = np.random.default_rng(job.seed + 1000 * rank)
-
-    restored, start_epoch = _restore()
-    if restored is None:
+    torch.manual_seed(job.seed)  # the same fresh parts on every worker (DDP then broadcasts rank 0's anyway)
+    model, opt_state, start_epoch = _restore()
+    if model is None:
         model = _init_model(cfg, job)
     else:
         print(f"[{job.name}] resuming from the checkpoint of epoch {start_epoch - 1}", flush=True)
-        model, opt_state = restored
         _set_trainable(model, job)
-    optimizer, scheduler = make_optimizer(model, job, cfg)
-    if restored is not None:
-        optimizer.load_state_dict(opt_state["optimizer"])
-        scheduler.load_state_dict(opt_state["scheduler"])
+    torch.manual_seed(job.seed + rank)
+    rng = np.random.default_rng(job.seed + 1000 * rank)
     device = ray.train.torch.get_device()
-    model.to(device)
-    broadcast_parameters(model)
-    params = model.trainable_parameters()
+    optimizer, scheduler = on_device(model, job, cfg, device, opt_state)
     ctx = make_context(model, job, cfg, rng, device, ray.train.get_dataset_shard("train"))
+    ctx.parallel = data_parallel(model, kind_of(job.kind).loss)
+    training = _where()
 
     # Every rank must make the same report calls, so the interval comes from the driver's step count.
     report_every = max(1, -(-cfg.train.report_every_steps // max(1, job.steps_per_epoch)))
     for epoch in range(start_epoch, job.epochs):
         t0 = time.perf_counter()
         model.train()
-        n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler, params)
+        n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler)
         metrics = {
-            "job": job.name, "epoch": epoch, "steps": n_steps,
+            "job": job.name, "epoch": epoch, "steps": n_steps, "world_size": training["world_size"],
             "loss": totals["loss"] / max(n_steps, 1), "batch_acc": totals["acc"] / max(n_steps, 1),
             "epoch_s": time.perf_counter() - t0, "resumed_from_epoch": start_epoch,
             "lr": optimizer.param_groups[0]["lr"],
@@ -223,6 +243,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"acc {metrics['batch_acc']:.3f} ({n_steps} steps, {metrics['epoch_s']:.1f}s)", flush=True)
         last = epoch == job.epochs - 1
         if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
-            _report(model, optimizer, scheduler, cfg, job, metrics)
+            _report(model, optimizer, scheduler, cfg, job, metrics, training)
         elif (epoch + 1) % report_every == 0:
             ray.train.report(metrics)

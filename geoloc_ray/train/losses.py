@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -11,6 +13,19 @@ def same_location_mask(loc_a: torch.Tensor, loc_b: torch.Tensor) -> torch.Tensor
     return loc_a[:, None] == loc_b[None, :]
 
 
+@dataclass
+class GlobalBatch:
+    """Every worker's rows of one step, in rank order (gathered with their gradients); this worker's rows start
+    at `offset`. The loss is then this worker's rows of the global loss (open_clip's `local_loss`)."""
+
+    text: torch.Tensor
+    image: torch.Tensor
+    locations: torch.Tensor
+    offset: int
+    hard_negatives: torch.Tensor | None = None
+    hard_locations: torch.Tensor | None = None
+
+
 def info_nce(
     text: torch.Tensor,
     image: torch.Tensor,
@@ -18,24 +33,26 @@ def info_nce(
     temperature: float,
     hard_negatives: torch.Tensor | None = None,
     hard_locations: torch.Tensor | None = None,
+    everyone: GlobalBatch | None = None,
 ) -> torch.Tensor:
     """Symmetric in-batch InfoNCE over unit vectors; text i's positive is image i.
 
     Off-diagonal pairs of the same location are masked out (not pushed apart). `hard_negatives` (N, D) are
-    extra image candidates for the text->image direction only (mined: never the query's location).
+    extra image candidates for the text->image direction only (mined: never the query's location). With
+    `everyone`, this worker's texts and images are scored against the global batch (and all its hard negatives).
     """
-    logits = text @ image.T / temperature
-    same = same_location_mask(locations, locations)
-    eye = torch.eye(len(text), dtype=torch.bool, device=text.device)
-    logits = logits.masked_fill(same & ~eye, float("-inf"))
-    targets = torch.arange(len(text), device=text.device)
-    t2i = logits
-    if hard_negatives is not None and len(hard_negatives):
-        hard = text @ hard_negatives.T / temperature
-        if hard_locations is not None:
-            hard = hard.masked_fill(same_location_mask(locations, hard_locations), float("-inf"))
-        t2i = torch.cat([logits, hard], dim=1)
-    return 0.5 * (F.cross_entropy(t2i, targets) + F.cross_entropy(logits.T, targets))
+    g = everyone or GlobalBatch(text, image, locations, 0, hard_negatives, hard_locations)
+    targets = torch.arange(len(text), device=text.device) + g.offset
+    columns = torch.arange(len(g.image), device=text.device)
+    masked = same_location_mask(locations, g.locations) & (columns[None, :] != targets[:, None])
+    t2i = (text @ g.image.T / temperature).masked_fill(masked, float("-inf"))
+    i2t = (image @ g.text.T / temperature).masked_fill(masked, float("-inf"))
+    if g.hard_negatives is not None and len(g.hard_negatives):
+        hard = text @ g.hard_negatives.T / temperature
+        if g.hard_locations is not None:
+            hard = hard.masked_fill(same_location_mask(locations, g.hard_locations), float("-inf"))
+        t2i = torch.cat([t2i, hard], dim=1)
+    return 0.5 * (F.cross_entropy(t2i, targets) + F.cross_entropy(i2t, targets))
 
 
 def gate_loss(logits: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from geoloc_ray.train.data import Source, split_locations
 from geoloc_ray.train.fit import fit_concurrently
 from geoloc_ray.train.kinds import kind_of
 from geoloc_ray.train.loop import JobSpec
+from geoloc_ray.train.shards import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +53,11 @@ def stage_fit(cfg: Config, name: str, kind: str, stage: StageConfig, source: Sou
     return Fit(spec, source, out, stage.min_steps)
 
 
-def scheduled(job: JobSpec, rows: int, batch_size: int, min_steps: int) -> JobSpec:
-    """The job with its schedule's length: steps per epoch from the dataset, epochs stretched to `min_steps`
-    (small subsets, e.g. one satellite image per location, would otherwise get only a few steps)."""
-    steps = max(1, -(-rows // batch_size))
+def scheduled(job: JobSpec, rows: int, batch_size: int, min_steps: int, workers: int = 1) -> JobSpec:
+    """The job with its schedule's length in the steps EACH worker takes: Ray Train splits the rows equally
+    (`streaming_split(equal=True)` drops the remainder), so a worker sees rows // workers of them; epochs are
+    stretched to `min_steps` (small subsets, e.g. one satellite image per location, would get only a few)."""
+    steps = max(1, steps_per_epoch(rows // workers, batch_size))
     return dataclasses.replace(job, steps_per_epoch=steps, epochs=max(job.epochs, -(-min_steps // steps)))
 
 
@@ -78,10 +80,11 @@ def fit_round(cfg: Config, train_hash: str, fits: list[Fit]) -> dict[str, Any]:
             log.info("%s: up to date at %s, skipped", fit.job.name, fit.out)
             continue
         dataset = kind_of(fit.job.kind).dataset(fit.source, image_size(cfg))
-        job = scheduled(fit.job, dataset.count(), cfg.train.batch_size, fit.min_steps)
+        job = scheduled(fit.job, dataset.count(), cfg.train.batch_size, fit.min_steps, cfg.train.num_workers)
         todo.append((job, dataset, f"{job.name}-{train_hash}", fit.out))
     if not todo:
         return {}
+    log.info("training %s", ", ".join(f"{job.name} ({job.epochs} epochs)" for job, *_ in todo))
     results = fit_concurrently(cfg, todo, cfg.train.num_workers, extra={"train_hash": train_hash})
     return {r.job: r.metrics for r in results}
 

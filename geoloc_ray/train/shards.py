@@ -75,7 +75,12 @@ def all_rows(shard: Any, columns: list[str]) -> Batch:
 
 
 def shuffled(rng: np.random.Generator, n: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Row indices of one epoch in a fresh order from the worker's generator, a batch at a time."""
+    """Row indices of one epoch in a fresh order from the worker's generator, a batch (of 2+ rows) at a time."""
     order = rng.permutation(n)
-    for i in range(0, n, batch_size):
+    for i in range(0, n - 1, batch_size):
         yield order[i : i + batch_size]
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """The batches of `rows` rows every source above yields: full ones, then the rest when it has 2+ rows."""
+    return rows // batch_size + (1 if rows % batch_size >= 2 else 0)

@@ -1,0 +1,132 @@
+"""The encoders a train step calls, over a worker's `StepContext`: the frozen trunk (no activations kept, its
+outputs cached per statement) and the trainable head, under bf16 autocast where configured.
+
+torch is imported inside the functions: the recipe imports this module (through `kinds` and `steps`) at CLI start.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from geoloc_ray.train.steps import StepContext
+
+GALLERY_BATCH = 256  # images per forward pass when embedding the fused gate's held-out gallery
+
+
+def autocast(ctx: StepContext):
+    """bf16 matmuls where the hardware has them; losses are computed in fp32."""
+    import torch
+
+    return torch.autocast(torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=ctx.cfg.train.bf16)
+
+
+def pixels(ctx: StepContext, images: np.ndarray, platforms: np.ndarray) -> torch.Tensor:
+    """Model input; satellite images (only) get the report's augmentation, anew every step."""
+    mask = np.asarray(platforms) == "satellite"
+    return ctx.preprocess(images, augment=ctx.augment, augment_mask=mask).to(ctx.device)
+
+
+def image(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    model, head = ctx.model, ctx.job.head
+    if ctx.job.image_trunk:
+        return model.image_head(head, model.image_trunk_output(x))
+    with torch.no_grad():
+        trunk = model.image_trunk_output(x)
+    return model.image_head(head, trunk)
+
+
+def query_text(ctx: StepContext, texts: list[str]) -> torch.Tensor:
+    """Whole texts through the frozen trunk (no activations kept) and the head."""
+    import torch
+
+    with torch.no_grad():
+        trunk = ctx.model.text_trunk_output(texts)
+    return ctx.model.text_head(ctx.job.head, trunk)
+
+
+def trunk_outputs(ctx: StepContext, statements: list[str]) -> list:
+    import torch
+
+    with torch.no_grad(), autocast(ctx):
+        out = ctx.model.text_trunk_output(statements)
+    return [o.to("cpu") for o in out.split()]
+
+
+def tail_features(ctx: StepContext, statements: list[str]) -> list:
+    """Pooled features of the job's head text layers, when they are locked (a fixed function of a statement)."""
+    import torch
+
+    with torch.no_grad(), autocast(ctx):
+        return list(ctx.model.heads[ctx.job.head].text.tail(ctx.model.text_trunk_output(statements)).float().cpu())
+
+
+def trunk_features(ctx: StepContext, statements: list[str]) -> list:
+    import torch
+
+    with torch.no_grad(), autocast(ctx):
+        return list(ctx.model.text_trunk_output(statements).pooled.float().cpu())
+
+
+def fused_features(ctx: StepContext, statements: list[str]) -> list:
+    """(trunk query feature, [each frozen expert's pooled text feature]) per statement, from one trunk call."""
+    import torch
+
+    with torch.no_grad(), autocast(ctx):
+        trunk = ctx.model.text_trunk_output(statements)
+        pooled = trunk.pooled.float().cpu()
+        tails = [ctx.model.heads[k].text.tail(trunk).float().cpu() for k in ctx.model.platforms]
+    return [(pooled[i], [t[i] for t in tails]) for i in range(len(statements))]
+
+
+def cached(ctx: StepContext, groups: list[list[str]], compute) -> dict[str, Any]:
+    unique = sorted({s for g in groups for s in g})
+    return dict(zip(unique, ctx.cache.get(unique, partial(compute, ctx)), strict=True))
+
+
+def group_mean(features: dict[str, torch.Tensor], groups: list[list[str]]) -> torch.Tensor:
+    """A multi-statement text is the mean of its statements' features."""
+    import torch
+
+    return torch.stack([torch.stack([features[s] for s in g]).mean(0) for g in groups])
+
+
+def statement_text(ctx: StepContext, groups: list[list[str]]) -> torch.Tensor:
+    """Unit embeddings of multi-statement texts: each distinct statement goes through the head's text layers once
+    per step from its cached trunk output (or, with locked text layers, its cached pooled feature), a text is
+    the mean of its statements' pooled features, then the projection."""
+    import torch.nn.functional as F
+
+    from geoloc_ray.model import TextTrunkOutput
+
+    head = ctx.model.heads[ctx.job.head].text
+    if ctx.job.text_layers:
+        trunk = cached(ctx, groups, trunk_outputs)
+        unique = sorted(trunk)
+        with autocast(ctx):
+            pooled = head.tail(TextTrunkOutput.cat([trunk[s] for s in unique]).to(ctx.device)).float()
+        features = dict(zip(unique, pooled, strict=True))
+    else:
+        features = {s: f.to(ctx.device) for s, f in cached(ctx, groups, tail_features).items()}
+    return F.normalize(head.proj(group_mean(features, groups)), dim=-1)
+
+
+def expert_gallery(ctx: StepContext, images: np.ndarray) -> list[torch.Tensor]:
+    """Each frozen expert's unit vectors of these images (no augmentation: a fixed gallery), a batch at a time."""
+    import torch
+
+    parts: list[list[torch.Tensor]] = [[] for _ in ctx.model.platforms]
+    with torch.no_grad(), autocast(ctx):
+        for i in range(0, len(images), GALLERY_BATCH):
+            trunk = ctx.model.image_trunk_output(ctx.preprocess(images[i : i + GALLERY_BATCH]).to(ctx.device))
+            for k, name in enumerate(ctx.model.platforms):
+                parts[k].append(ctx.model.image_head(name, trunk).float())
+    empty = torch.zeros(0, ctx.model.model_cfg.embed_dim, device=ctx.device)
+    return [torch.cat(p) if p else empty for p in parts]
