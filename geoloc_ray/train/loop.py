@@ -198,6 +198,16 @@ def _where() -> dict[str, Any]:
     return {"world_size": world()[1], "node_ids": gather_objects(ray.get_runtime_context().get_node_id())}
 
 
+def _steps_counter(job: JobSpec):
+    """geoloc_train_steps_total{job}: optimizer steps per worker (steps/s per job in docs/grafana)."""
+    from ray.util.metrics import Counter
+
+    counter = Counter("geoloc_train_steps_total", tag_keys=("job",),
+                      description="optimizer steps taken by Ray Train workers, per training job")
+    counter.set_default_tags({"job": job.name})
+    return counter
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
@@ -225,6 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = make_context(model, job, cfg, rng, device, ray.train.get_dataset_shard("train"))
     ctx.parallel = data_parallel(model, kind_of(job.kind).loss)
     training = _where()
+    steps_counter = _steps_counter(job)
 
     # Every rank must make the same report calls, so the interval comes from the driver's step count.
     report_every = max(1, -(-cfg.train.report_every_steps // max(1, job.steps_per_epoch)))
@@ -232,6 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         model.train()
         n_steps, totals = run_epoch(ctx, epoch, optimizer, scheduler)
+        steps_counter.inc(n_steps)
         metrics = {
             "job": job.name, "epoch": epoch, "steps": n_steps, "world_size": training["world_size"],
             "loss": totals["loss"] / max(n_steps, 1), "batch_acc": totals["acc"] / max(n_steps, 1),
