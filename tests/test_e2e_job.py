@@ -21,6 +21,7 @@ JOB_SCRIPTS = {"synth": "synth", "prepare": "prepare", "refine_captions": "refin
                "index": "index", "eval": "eval", "pipeline": "pipeline", "ladder": "ladder"}
 # Every training round runs, one epoch each; one corruption keeps that path covered.
 TINY = ["train.stage0.epochs=1", "train.stage1.epochs=1", "train.stage2.epochs=1", "train.gate.epochs=1",
+        "train.gate_fused.epochs=1", "train.stage1.min_steps=0", "train.stage2.min_steps=0",
         "eval.corruptions=[blur]", "eval.severities=[1]", "eval.plots=false"]
 VARIANTS = {"unified", "aligned", "static_ensemble", "moe"}
 RECALLS = {"R@1", "R@5", "R@10", "score"}

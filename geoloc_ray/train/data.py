@@ -23,9 +23,11 @@ def _has_text(batch: dict[str, Any]) -> np.ndarray:
     return np.array([len(t) > 0 for t in batch["texts"]], dtype=bool)
 
 
-def with_text(batch: dict[str, Any]) -> dict[str, Any]:
-    keep = _has_text(batch)
-    return {k: np.asarray(v)[keep] for k, v in batch.items()}
+def with_text(batch):
+    """Rows that still have a statement (pyarrow batches: the `texts` lists stay Arrow lists, not pickles)."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.fill_null(pc.greater(pc.list_value_length(batch["texts"]), 0), False))
 
 
 def decode_batch(batch: dict[str, Any], *, size: int, storage: dict | None = None) -> dict[str, Any]:
@@ -104,7 +106,7 @@ def pairs_dataset(source: Source, size: int, materialize: bool = True):
 def texts_dataset(source: Source, size: int):
     """Each image's statements and platform, for the gate: no pixels, so `size` is not used."""
     ds = io.read_dataset_parquet(source.uri, columns=["texts", "platform", "location_id"])
-    return _only(ds, source).map_batches(with_text, batch_format="numpy", num_cpus=0.5).materialize()
+    return _only(ds, source).map_batches(with_text, batch_format="pyarrow", num_cpus=0.5).materialize()
 
 
 def triplets_dataset(source: Source, size: int, materialize: bool = True):
