@@ -259,3 +259,39 @@ def test_report_puts_routing_diagnostics_in_their_own_table_with_the_gate_matric
     assert "| expert_drone | 1.00 | 3.00 | 2.00 | 2.00 |" in routing
     assert "**platform_gate** (top expert = query platform: 50.0%)" in text
     assert "| drone | 0.10 | 0.80 | 0.10 |" in text
+
+
+def test_report_says_per_query_platform_whether_its_own_expert_scores_best_alone_and_why_not():
+    from geoloc_ray.eval.report import markdown, own_expert_rows
+
+    def entry(sat: float, drone: float, sat_image: float = 10.0) -> dict:
+        def block(score: float) -> dict:
+            return {"R@1": score, "R@5": score, "R@10": score, "score": score}
+
+        per = {"satellite": {"location": block(sat), "image": block(sat_image), "queries": 61},
+               "drone": {"location": block(drone), "image": block(drone), "queries": 366}}
+        return {"location": block(drone), "image": block(drone), "per_platform": per}
+
+    # the demo world's pattern (seed 0): the satellite expert loses to the ground expert and to aligned
+    results = {"variants": {"aligned": entry(33.61, 25.41, 13.93), "moe": entry(29.51, 26.50),
+                            "expert_satellite": entry(29.51, 24.04, 10.66), "expert_drone": entry(28.69, 26.64),
+                            "expert_ground": entry(33.61, 23.22)}}
+    rows = {r["platform"]: r for r in own_expert_rows(results)}
+    assert (rows["satellite"]["best"], rows["drone"]["best"]) == ("ground", "drone")  # no ground queries: no row
+    assert set(rows) == {"satellite", "drone"}
+    section = markdown(results).split("### Does each platform's own expert score best alone?")[1]
+    assert "| satellite | expert_ground | 33.61 | 29.51 | 33.61 |" in section
+    assert "- drone queries: their own expert_drone scores best alone (26.64)." in section
+    sentence = next(line for line in section.splitlines() if line.startswith("- satellite queries"))
+    assert sentence.startswith("- satellite queries: expert_ground alone scores best (33.61), 4.10 above their own "
+                               "expert_satellite (29.51; 61 queries, one query moves Score 0.82-1.64).")
+    assert "below aligned, the head it specialises from (29.51 vs 33.61; image level 10.66 vs 13.93)" in sentence
+    assert "not of the routing" in sentence
+    # specialising helped, another expert is still better; a gap of one query is flagged as noise
+    results["variants"]["aligned"] = entry(28.0, 25.41, 9.0)
+    results["variants"]["expert_ground"] = entry(30.0, 23.22)
+    sentence = next(line for line in markdown(results).splitlines() if line.startswith("- satellite queries"))
+    assert "within noise" in sentence and "improves on aligned" in sentence and "expert_ground, trained on" in sentence
+    # without aligned the report says what to evaluate
+    del results["variants"]["aligned"]
+    assert "Evaluate `aligned`" in markdown(results)

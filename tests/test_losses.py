@@ -111,6 +111,23 @@ def test_fused_loss_follows_the_gate_towards_the_expert_that_ranks_the_positive_
     assert weights.grad[0, 0] < weights.grad[0, 1]  # descending moves weight onto expert 0
 
 
+def test_the_gate_anchor_is_zero_at_the_platform_gate_and_pulls_back_towards_it():
+    from geoloc_ray.train.losses import gate_anchor
+
+    platform_gate = torch.tensor([[0.36, 0.64, 0.0], [0.05, 0.91, 0.04]])  # a zero weight is allowed
+    same = gate_anchor(torch.log(platform_gate.clamp_min(1e-30)), platform_gate)
+    assert abs(float(same)) < 1e-6
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 3.0]], requires_grad=True)  # a drifted gate
+    loss = gate_anchor(logits, platform_gate)
+    assert loss > 0.5
+    loss.backward()
+    # d KL / d logits = (softmax(logits) - anchor) / B: descending moves every weight towards the anchor
+    torch.testing.assert_close(logits.grad, (logits.detach().softmax(1) - platform_gate) / 2)
+    stepped = (logits.detach() - 1.0 * logits.grad).softmax(1)
+    assert (stepped - platform_gate).abs().sum() < (logits.detach().softmax(1) - platform_gate).abs().sum()
+    assert gate_anchor(logits.detach() - logits.grad, platform_gate) < loss
+
+
 def test_the_rows_of_two_workers_average_to_the_whole_batch_loss():
     """`local_loss` semantics: each worker's rows of the global loss; their mean is the one-worker loss."""
     from geoloc_ray.train.losses import GlobalBatch

@@ -165,3 +165,30 @@ def test_the_frozen_trunk_sees_each_statement_once_over_epochs(demo, text_layers
     statements = {str(s) for texts in _pairs()["texts"] for s in texts}
     assert sorted(seen) == sorted(set(seen)) and set(seen) <= statements
     assert len(ctx.cache) == len(seen)
+
+
+def _same_gate(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_fused_tuning_is_anchored_to_the_frozen_gate_it_started_from(demo, tmp_path):
+    from geoloc_ray.train.steps import fused_batches
+
+    cfg, model = demo
+    save_model(model, str(tmp_path / "init"), cfg)
+    job = JobSpec(name="f", kind="gate_fused", init=str(tmp_path / "init"), epochs=2, lr=1e-2, steps_per_epoch=3)
+    trained, _, changed = _trained(cfg, job, _Shard(_pairs()))
+    assert changed == {"gate"}
+    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    next(fused_batches(ctx, epoch=0))  # before the first step: a frozen copy of the model's own gate
+    assert _same_gate(ctx.anchor_gate, model.gate) and ctx.anchor_gate is not model.gate
+    # a worker resumed at epoch 1 holds a tuned gate: the anchor is still the starting model's
+    ctx = make_context(trained, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    next(fused_batches(ctx, epoch=1))
+    assert _same_gate(ctx.anchor_gate, model.gate) and not _same_gate(ctx.anchor_gate, trained.gate)
+    assert not any(p.requires_grad for p in ctx.anchor_gate.parameters())
+    off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gate_fused_anchor": 0.0})})
+    ctx = make_context(trained, job, off, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    next(fused_batches(ctx, epoch=0))
+    assert ctx.anchor_gate is None

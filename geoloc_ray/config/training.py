@@ -67,6 +67,10 @@ class TrainConfig(_Model):
     # Then the gate is tuned on the fused retrieval loss over held-out training locations (0 epochs: skip):
     # experts fit their own training images too well to tell the gate how they do on new places.
     gate_fused: StageConfig = Field(default_factory=lambda: StageConfig(epochs=30, lr=3e-4))
+    # Weight of KL(platform gate || tuned gate) added to the fused loss (0: off). The held-out set is ~10% of the
+    # training locations while the platform gate learnt from the other 90% and routes about as well as the
+    # oracle: unanchored, the tuning overfits the few held-out places and has collapsed onto one expert.
+    gate_fused_anchor: float = Field(1.0, ge=0)
     val_fraction: float = Field(0.12, ge=0, lt=0.5)  # training locations held out from every head
     hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
     max_failures: int = Field(2, ge=0)

@@ -63,6 +63,70 @@ def routing_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _score(results: dict[str, Any], variant: str, platform: str, level: str = "location") -> float | None:
+    block = results["variants"].get(variant, {}).get("per_platform", {}).get(platform, {}).get(level)
+    return None if block is None else block["score"]
+
+
+def own_expert_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per query platform with its own expert evaluated: which expert alone scores best (location-level Score),
+    the own expert's Score, and aligned's (the head every expert specialises from; None when not evaluated)."""
+    experts = {v.removeprefix("expert_") for v in results["variants"] if v.startswith("expert_")}
+    rows = []
+    for platform in sorted(experts):
+        scores = {e: _score(results, f"expert_{e}", platform) for e in sorted(experts)}
+        scores = {e: s for e, s in scores.items() if s is not None}
+        if platform not in scores:
+            continue
+        best = max(scores, key=lambda e: (scores[e], e == platform))  # a tie goes to the own expert
+        queries = results["variants"][f"expert_{platform}"]["per_platform"][platform].get("queries")
+        rows.append({"platform": platform, "best": best, "best_score": scores[best], "own_score": scores[platform],
+                     "aligned_score": _score(results, "aligned", platform), "queries": queries})
+    return rows
+
+
+def _why(results: dict[str, Any], row: dict[str, Any]) -> str:
+    """Whether specialising on the platform's images hurt (own expert below aligned) or another expert is just better."""
+    p, aligned = row["platform"], row["aligned_score"]
+    if aligned is None:
+        return "Evaluate `aligned` (the experts' starting head) to tell whether specialising hurt."
+    own_img, aligned_img = _score(results, f"expert_{p}", p, "image"), _score(results, "aligned", p, "image")
+    image = "" if own_img is None or aligned_img is None else f"; image level {own_img:.2f} vs {aligned_img:.2f}"
+    versus = f"({row['own_score']:.2f} vs {aligned:.2f}{image})"
+    if row["own_score"] < aligned:
+        return (f"expert_{p} also scores below aligned, the head it specialises from {versus}: training on {p} "
+                f"images alone made it worse on {p} queries (too few images for its schedule, or a mixed gallery "
+                "it never trained on), a fault of the expert's training, not of the routing; oracle_gate is no "
+                "upper bound for these queries.")
+    return (f"expert_{p} improves on aligned, the head it specialises from {versus}, yet expert_{row['best']}, "
+            "trained on another platform's images, ranks these queries' places better over the mixed gallery.")
+
+
+def own_expert_section(results: dict[str, Any]) -> str:
+    """A table and one sentence per query platform: does the platform's own expert score best alone, and why not."""
+    rows = own_expert_rows(results)
+    if not rows:
+        return ""
+    lines = ["| query platform | best expert alone | Score | own expert Score | aligned Score |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['platform']} | expert_{r['best']} | {r['best_score']:.2f} | {r['own_score']:.2f} | "
+              + ("-" if r["aligned_score"] is None else f"{r['aligned_score']:.2f}") + " |" for r in rows]
+    lines.append("")
+    for r in rows:
+        p, gap = r["platform"], r["best_score"] - r["own_score"]
+        if r["best"] == p:
+            lines.append(f"- {p} queries: their own expert_{p} scores best alone ({r['own_score']:.2f}).")
+            continue
+        noise = ""
+        if r["queries"]:  # Score = (R@1 + R@10) / 2: one query moves it 50/n (one recall) to 100/n (both)
+            n = r["queries"]
+            noise = f"; {n} queries, one query moves Score {50 / n:.2f}-{100 / n:.2f}"
+            noise += ": within noise" if gap <= 100 / n else ""
+        lines.append(f"- {p} queries: expert_{r['best']} alone scores best ({r['best_score']:.2f}), {gap:.2f} above "
+                     f"their own expert_{p} ({r['own_score']:.2f}{noise}). {_why(results, r)}")
+    return "\n".join(lines)
+
+
 def gate_tables(gate: dict[str, Any]) -> str:
     """Each routing's weight matrix: mean weight per expert (columns) by the query's true platform (rows)."""
     parts = []
@@ -103,6 +167,8 @@ def markdown(results: dict[str, Any]) -> str:
                   "oracle_gate: one-hot weight on the query's true platform (the upper bound of routing these "
                   "experts); platform_gate: the gate trained on platform labels, before fused tuning; "
                   "expert_<platform>: that expert alone over the mixed gallery.", ""]
+        if own := own_expert_section(results):
+            parts += ["### Does each platform's own expert score best alone?", "", own, ""]
     if results.get("gate"):
         parts += ["## Gate weights (query platform x expert)", "", gate_tables(results["gate"])]
     if results.get("corruptions"):

@@ -69,3 +69,9 @@ def multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.T
     """-log of the softmax mass on any positive (every image of the query's location counts, as in eval)."""
     on_positives = logits.masked_fill(~positives, float("-inf"))
     return (torch.logsumexp(logits, 1) - torch.logsumexp(on_positives, 1)).mean()
+
+
+def gate_anchor(logits: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """KL(anchor || softmax(logits)) per query, averaged: 0 when the gate's weights equal `anchor` (B, K), the
+    frozen platform gate's weights on the same queries; its gradient pulls the gate back towards them."""
+    return F.kl_div(F.log_softmax(logits, dim=1), anchor, reduction="batchmean")

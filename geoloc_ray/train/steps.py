@@ -4,7 +4,8 @@ With several workers the contrastive losses see every worker's batch (`train.glo
 pairs: in-batch InfoNCE on (image, a query-like text of 1..N of its statements): stage 0 and expert stage 1.
 triplets: stage 2, in-batch negatives plus each query's mined hard negatives (never of its own location).
 gate: the platform of each query's image, from the frozen trunk's query feature.
-gate_fused: the gate on the fused retrieval loss over held-out locations, experts frozen.
+gate_fused: the gate on the fused retrieval loss over held-out locations, experts frozen, anchored to the
+platform gate it starts from by a KL term (`train.gate_fused_anchor`).
 torch is imported inside the functions: the recipe imports this module (through `kinds`) on the CLI path.
 """
 
@@ -49,6 +50,7 @@ class StepContext:
     rows: dict[str, np.ndarray] | None = None
     gallery: list[torch.Tensor] | None = None  # gate_fused: each expert's vectors of every held-out image
     gallery_keys: torch.Tensor | None = None  # gate_fused: their location keys
+    anchor_gate: Any | None = None  # gate_fused: the job's starting (platform) gate, frozen (train.gate_fused_anchor)
     sizes: list[int] | None = None  # this step's rows on every worker (None: one worker)
     parallel: Callable[..., Loss] | None = None  # the kind's loss through DDP (None: one worker, no wrapper)
 
@@ -109,7 +111,22 @@ def fused_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray
         (keys,) = location_keys(rows.pop("location_id"))
         ctx.gallery_keys = gather_rows(keys.to(ctx.device))
         ctx.rows = _with_text({**rows, "location_keys": keys.numpy()})
+        if ctx.cfg.train.gate_fused_anchor > 0:
+            ctx.anchor_gate = _starting_gate(ctx, epoch)
     return _row_batches(ctx)
+
+
+def _starting_gate(ctx: StepContext, epoch: int):
+    """A frozen copy of the gate the job started from: the model's own before its first step, else (a worker
+    resumed from a checkpoint holds a tuned gate) the one in the job's starting model."""
+    import copy
+
+    gate = ctx.model.gate
+    if epoch > 0 and ctx.job.init is not None:
+        from geoloc_ray.model import load_model
+
+        gate = load_model(ctx.job.init, heads=[]).gate
+    return copy.deepcopy(gate).to(ctx.device).eval().requires_grad_(False)
 
 
 def _row_batches(ctx: StepContext) -> Iterator[dict[str, np.ndarray]]:
@@ -195,7 +212,7 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
     import torch
     import torch.nn.functional as F
 
-    from geoloc_ray.train.losses import fused_logits, multi_positive_nce
+    from geoloc_ray.train.losses import fused_logits, gate_anchor, multi_positive_nce
 
     idx = batch["rows"]
     groups = ctx.sampler.statements(ctx.rows["texts"][idx])
@@ -206,8 +223,14 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
                        enc.group_mean({s: f[1][k] for s, f in features.items()}, groups).to(ctx.device)), dim=-1)
                    for k, name in enumerate(ctx.model.platforms)]
     per_expert = torch.stack([q @ g.T for q, g in zip(queries, ctx.gallery, strict=True)], dim=1)
-    logits = fused_logits(ctx.model.gate(x), per_expert, ctx.cfg.train.temperature)
+    gate_logits = ctx.model.gate.logits(x)
+    logits = fused_logits(gate_logits.softmax(-1), per_expert, ctx.cfg.train.temperature)
     keys = torch.as_tensor(ctx.rows["location_keys"][idx], device=logits.device)
     positives = keys[:, None] == ctx.gallery_keys[None]
     top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
-    return multi_positive_nce(logits, positives), float(top1)
+    loss = multi_positive_nce(logits, positives)
+    if ctx.anchor_gate is not None:  # keep what the platform gate learnt from the many training locations
+        with torch.no_grad():
+            anchor = ctx.anchor_gate(x)
+        loss = loss + ctx.cfg.train.gate_fused_anchor * gate_anchor(gate_logits, anchor)
+    return loss, float(top1)
