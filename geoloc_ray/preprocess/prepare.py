@@ -90,7 +90,7 @@ def run_prepare(cfg: Config) -> dict[str, Any]:
         for r in ds.filter(expr=col("skip_reason").is_not_null()).take_all()
     ]
     report = skipped + [{"malformed": True, **m} for m in malformed]
-    io.write_jsonl(artifacts.artifact(cfg, "prepared", "skipped.jsonl"), report)
+    io.write_jsonl(artifacts.prepare_skipped(cfg), report)
     summary = {"rows": counts, "skipped_images": len(skipped), "malformed_records": len(malformed)}
-    io.write_json(artifacts.artifact(cfg, "prepared", "summary.json"), summary)
+    io.write_json(artifacts.prepare_summary(cfg), summary)
     return summary
