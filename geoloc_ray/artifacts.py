@@ -85,6 +85,26 @@ def mined_manifest(run: Config | str) -> str:
     return artifact(run, "mined", "manifest.json")
 
 
+def mined_part(run: Config | str, platform: str, block: int) -> str:
+    """One mining task's rows: `mined/<platform>.parquet` is a parquet folder, one file per query block."""
+    return io.join(mined(run, platform), f"part-{block:05d}.parquet")
+
+
+def mined_work(run: Config | str) -> str:
+    """Mining's working folder: the embeddings its tasks read (removed once mining is done)."""
+    return artifact(run, "mined", "work")
+
+
+def mined_gallery_embeddings(run: Config | str) -> str:
+    """The training gallery under every expert: one vector column per platform (a parquet folder)."""
+    return io.join(mined_work(run), "gallery")
+
+
+def mined_query_embeddings(run: Config | str) -> str:
+    """Each training statement under its platform's expert: an `embedding` column (a parquet folder)."""
+    return io.join(mined_work(run), "queries")
+
+
 def ray_train_storage(run: Config | str) -> str:
     return artifact(run, "ray_train")
 

@@ -246,8 +246,12 @@ def embed_images(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConf
     return embedding_dataset(ds, models, ic, views).to_pandas()
 
 
+def text_embedding_dataset(ds, models: dict[str, tuple[str, str]], ic: IndexConfig):
+    """The lazy Ray Dataset of `query`/`platform` rows + an `embedding` column (its platform's expert)."""
+    return ds.map_batches(TextEmbedder, batch_size=256, **_actor_args(ic),
+                          fn_constructor_kwargs={"models": models, **_runtime_kwargs(ic)})
+
+
 def embed_texts(ds, models: dict[str, tuple[str, str]], ic: IndexConfig):
-    """Ray Data actor pool over `query`/`platform` rows -> pandas frame with an `embedding` column."""
-    ds = ds.map_batches(TextEmbedder, batch_size=256, **_actor_args(ic),
-                        fn_constructor_kwargs={"models": models, **_runtime_kwargs(ic)})
-    return ds.to_pandas()
+    """`text_embedding_dataset` collected as a pandas frame."""
+    return text_embedding_dataset(ds, models, ic).to_pandas()

@@ -1,8 +1,16 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from geoloc_ray.config import HardNegativeConfig
-from geoloc_ray.train.mining import mined_rows, select_negatives
+from geoloc_ray.train.mining import mined_rows
+from geoloc_ray.train.mining_tasks import select_negatives
+
+PLATFORMS = ["satellite", "drone", "ground"]
 
 
 def test_select_negatives_never_returns_the_query_location():
@@ -91,3 +99,134 @@ def test_mining_reruns_only_when_the_stage1_experts_or_the_settings_change():
     assert not is_current(manifest, mining_key({**versions, "drone": "dd44"}, hn, {"0001", "0002"}))
     assert not is_current(manifest, mining_key(versions, HardNegativeConfig(per_query=3), {"0001", "0002"}))
     assert not is_current(manifest, mining_key(versions, hn, {"0001"}))
+
+
+def test_query_blocks_hold_at_least_the_asked_rows():
+    from geoloc_ray.index.stream import Part
+    from geoloc_ray.train.mining_tasks import query_blocks
+
+    parts = [Part(f"p{i}", 0, n) for i, n in enumerate([3, 3, 5, 1, 2])]
+    assert [[p.uri for p in b] for b in query_blocks(parts, 6)] == [["p0", "p1"], ["p2", "p3"], ["p4"]]
+    assert len(query_blocks(parts, 1)) == 5 and len(query_blocks(parts, 100)) == 1 and query_blocks([], 4) == []
+
+
+def _mixed_world(rng, n_locs=10, views=4, texts=3, dim=8):
+    """Driver frames as the old mining had them: a vector column per expert, several texts per image."""
+    centers = rng.normal(size=(n_locs, dim))
+    gallery, queries = [], []
+    for loc in range(n_locs):
+        for j in range(views):
+            iid, platform = f"{loc:04d}/{j}.jpg", PLATFORMS[j % 3]
+            meta = {"image_id": iid, "image_uri": f"/g/{iid}", "location_id": f"{loc:04d}", "platform": platform}
+            unit = [(v := centers[loc] + 0.3 * rng.normal(size=dim)) / np.linalg.norm(v) for _ in PLATFORMS]
+            gallery.append(meta | {p: u.astype(np.float32) for p, u in zip(PLATFORMS, unit, strict=True)})
+            queries += [meta | {"query": f"q{loc}-{j}-{t}", "embedding": rng.normal(size=dim).astype(np.float32)}
+                        for t in range(texts)]
+    return pd.DataFrame(queries), pd.DataFrame(gallery)
+
+
+def _write_parts(frame, vector_columns: list[str], folder: str, files: int) -> None:
+    """The frame as Ray Data + `plain_vectors` leave it on storage: parquet files with fixed-size list vectors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    Path(folder).mkdir(parents=True)
+    for i, chunk in enumerate(np.array_split(np.arange(len(frame)), files)):
+        part = frame.iloc[chunk]
+        table = pa.Table.from_pandas(part.drop(columns=vector_columns), preserve_index=False)
+        for c in vector_columns:
+            vecs = np.stack(part[c].to_numpy()).astype(np.float32)
+            flat = pa.array(vecs.reshape(-1))
+            table = table.append_column(c, pa.FixedSizeListArray.from_arrays(flat, vecs.shape[1]))
+        pq.write_table(table, f"{folder}/{i:06d}_000000.parquet")
+
+
+def _record_set(rows) -> set:
+    return {(r["query"], r["image_id"], tuple(r["neg_ids"]), tuple(r["neg_uris"]), tuple(r["neg_location_ids"]))
+            for r in rows}
+
+
+def _read_rows(run: str, platform: str) -> list[dict]:
+    from geoloc_ray import artifacts, io
+
+    return io.read_parquet(artifacts.mined(run, platform)).to_dict("records")
+
+
+@pytest.mark.parametrize("gallery", ["mixed", "platform"])
+def test_mining_tasks_give_the_driver_mining_s_records(ray_session, tmp_path, gallery):
+    from geoloc_ray import artifacts
+    from geoloc_ray.train.mining import mine_embeddings
+
+    queries, frame = _mixed_world(np.random.default_rng(3))
+    run = str(tmp_path / "run")
+    _write_parts(frame, PLATFORMS, artifacts.mined_gallery_embeddings(run), files=3)
+    _write_parts(queries, ["embedding"], artifacts.mined_query_embeddings(run), files=5)
+    hn = HardNegativeConfig(top_k=12, per_query=3, skip_top=1, gallery=gallery)
+    summary = mine_embeddings(run, PLATFORMS, hn, rows_per_task=40, num_cpus=0.5)  # 120 queries: 3 tasks
+    for p in PLATFORMS:
+        reference = mined_rows(p, queries, frame, hn)
+        assert summary[p] == {"queries": int((queries["platform"] == p).sum()), "rows": len(reference),
+                              "dropped": int((queries["platform"] == p).sum()) - len(reference)}
+        assert _record_set(_read_rows(run, p)) == _record_set(reference)
+        assert len(list(Path(artifacts.mined(run, p)).glob("part-*.parquet"))) == 3  # one part per task
+
+
+@pytest.fixture(scope="module")
+def demo_world(tmp_path_factory, ray_session):
+    """A small prepared demo world and one random-weight model with every expert head (the stage-1 experts)."""
+    from geoloc_ray import artifacts
+    from geoloc_ray.config import config_from_dict
+    from geoloc_ray.corpus.synth.build import synth_world
+    from geoloc_ray.model import build_model, save_model
+    from geoloc_ray.preprocess.prepare import run_prepare
+
+    root = tmp_path_factory.mktemp("mining")
+    synth_world(str(root / "world"), locations=14, seed=5, drone_views=2, ground_views=1, image_size=64,
+                progress=False)
+    cfg = config_from_dict({"data": {"root": str(root / "world")}, "artifacts": str(root / "art"),
+                            "index": {"batch_size": 8},
+                            "train": {"hard_negatives": {"top_k": 12, "per_query": 2, "skip_top": 1}}})
+    run_prepare(cfg)
+    uri = artifacts.model_dir(cfg, "stage1")
+    save_model(build_model(cfg.model, heads=PLATFORMS, gate=True, seed=0).eval(), uri, cfg)
+    return cfg, uri
+
+
+def test_distributed_mining_equals_the_driver_mining_on_the_demo_world(demo_world, monkeypatch):
+    import ray.data
+
+    from geoloc_ray import artifacts, io
+    from geoloc_ray.embedding import embed_images, embed_texts
+    from geoloc_ray.train.data import Source, triplets_dataset
+    from geoloc_ray.train.mining import gallery_rows, mine, query_rows
+
+    cfg, uri = demo_world
+    experts, train_uri = {p: uri for p in PLATFORMS}, artifacts.prepared(cfg, "train")
+    held_out = {sorted(io.read_parquet(train_uri, columns=["location_id"])["location_id"])[0]}
+
+    def collect(*args, **kwargs):
+        raise AssertionError("mining collected a dataset in the driver")
+
+    with monkeypatch.context() as m:
+        m.setattr(ray.data.Dataset, "to_pandas", collect)
+        mined = mine(cfg, experts, train_uri, held_out)
+    assert not mined["reused"] and not io.exists(artifacts.mined_work(cfg))
+    assert mine(cfg, experts, train_uri, held_out) == {"reused": True, "platforms": mined["platforms"]}
+
+    # The old driver mining: both embeddings collected here, one exact search per platform in this process.
+    gallery = embed_images(gallery_rows(train_uri, held_out), {p: (uri, [p]) for p in PLATFORMS}, cfg.index)
+    queries = embed_texts(query_rows(train_uri, held_out), {p: (uri, p) for p in PLATFORMS}, cfg.index)
+    for p in PLATFORMS:
+        reference = mined_rows(p, queries, gallery, cfg.train.hard_negatives)
+        rows = _read_rows(cfg.artifacts, p)
+        assert reference and _record_set(rows) == _record_set(reference)
+        assert not held_out & ({r["location_id"] for r in rows} | {n for r in rows for n in r["neg_location_ids"]})
+        assert mined["platforms"][p]["rows"] == len(rows)
+        assert triplets_dataset(Source(artifacts.mined(cfg, p)), 64).count() == len(rows)  # stage 2 reads it
+
+
+def test_mining_imports_no_ray_torch_or_faiss():
+    code = ("import sys, geoloc_ray.train.mining; "
+            "heavy = [m for m in ('ray', 'torch', 'faiss', 'pandas') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -1,10 +1,13 @@
 """Distributed hard-negative mining (FlagEmbedding-style: mining writes `{query, pos, neg}` records).
 
-Each stage-1 expert embeds the training gallery and its own platform's queries; Ray Data runs the embedding
-on an actor pool (one pass for all experts), faiss finds each query's nearest images, and images of the
-query's own location are dropped (they are the same place, not negatives). A resumable step: `mined/` holds
-one parquet per platform and a manifest naming the stage-1 model versions it was mined with, so a run that
-stopped after mining does not mine again.
+Each stage-1 expert embeds the training gallery and its own platform's queries: Ray Data runs the embedding on
+an actor pool (one pass for all experts) and writes the vectors to `mined/work/`. Ray tasks then do the rest
+(`mining_tasks`): one per expert loads its gallery into the object store, one per block of queries finds each
+query's nearest images with faiss, drops those of the query's own location (the same place, not negatives) and
+writes its part of `mined/<platform>.parquet` (a parquet folder). The driver lists files and sums counts.
+
+A resumable step: `mined/manifest.json`, written last, names the stage-1 model versions the rows were mined
+with, so a run that stopped after mining does not mine again.
 """
 
 from __future__ import annotations
@@ -18,85 +21,104 @@ import numpy as np
 
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config, HardNegativeConfig
-from geoloc_ray.index.faiss_index import exact_search
+from geoloc_ray.index.stream import list_parts
+from geoloc_ray.train import mining_tasks
+from geoloc_ray.train.mining_tasks import EMBEDDING, Gallery, block_rows, query_blocks
 
 log = logging.getLogger(__name__)
 
-
-def select_negatives(neighbours: np.ndarray, query_locations: np.ndarray, gallery_locations: np.ndarray,
-                     cfg: HardNegativeConfig) -> list[list[int]]:
-    """Per query (rows of faiss-ranked gallery ids): up to `per_query` ids never of the query's location.
-
-    `skip_top` leaves out the very nearest other-location images (likely unlabelled positives).
-    """
-    out = []
-    for q, row in enumerate(neighbours):
-        valid = [int(i) for i in row if i >= 0 and gallery_locations[i] != query_locations[q]]
-        out.append(valid[cfg.skip_top : cfg.skip_top + cfg.per_query])
-    return out
+# Queries per mining task: each task copies its experts' galleries into faiss, so blocks are not too small.
+QUERIES_PER_TASK = 20_000
 
 
-def _training_rows(train_uri: str, columns: list[str], exclude: set[str] | None):
+def gallery_of(frame, platform: str, hn: HardNegativeConfig) -> Gallery:
+    """From a driver frame (one vector column per platform): the gallery `platform`'s expert mines from."""
+    g = frame if hn.gallery == "mixed" else frame[frame["platform"] == platform]
+    return Gallery(np.stack(g[platform].to_numpy()), g["image_id"].to_numpy(), g["image_uri"].to_numpy(),
+                   g["location_id"].to_numpy())
+
+
+def mined_rows(platform: str, queries, gallery, hn: HardNegativeConfig) -> list[dict[str, Any]]:
+    """The rows of one platform from driver frames in one process: the reference the mining tasks must match."""
+    q = queries[queries["platform"] == platform].reset_index(drop=True)
+    return block_rows(platform, q, np.stack(q[EMBEDDING].to_numpy()), gallery_of(gallery, platform, hn), hn)
+
+
+def _training_rows(train_uri: str, columns: list[str], exclude: Collection[str] | None):
     from ray.data.expressions import col
 
     ds = io.read_dataset_parquet(train_uri, columns=columns)
     return ds.filter(expr=~col("location_id").is_in(sorted(exclude))) if exclude else ds
 
 
-def embed_training_gallery(cfg: Config, experts: dict[str, str], train_uri: str, exclude: set[str] | None = None):
-    """Every training image under every expert's image head: one column per platform."""
-    from geoloc_ray.embedding import embed_images
-
-    ds = _training_rows(train_uri, ["image_id", "image_uri", "location_id", "platform"], exclude)
-    return embed_images(ds, {p: (uri, [p]) for p, uri in experts.items()}, cfg.index)
+def _statements(row: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"query": str(t), **{c: row[c] for c in mining_tasks.GALLERY_COLUMNS}} for t in row["texts"]]
 
 
-def embed_training_queries(cfg: Config, experts: dict[str, str], train_uri: str, exclude: set[str] | None = None):
-    """Each training text under its own platform's expert text head."""
-    from geoloc_ray.embedding import embed_texts
-
-    ds = _training_rows(train_uri, ["image_id", "image_uri", "location_id", "platform", "texts"], exclude)
-    ds = ds.flat_map(lambda r: [{"query": str(t), "image_id": r["image_id"], "image_uri": r["image_uri"],
-                                 "location_id": r["location_id"], "platform": r["platform"]} for t in r["texts"]])
-    return embed_texts(ds, {p: (u, p) for p, u in experts.items()}, cfg.index)
+def gallery_rows(train_uri: str, exclude: Collection[str] | None = None):
+    """The training images (held-out locations excluded) as a lazy Ray Dataset."""
+    return _training_rows(train_uri, mining_tasks.GALLERY_COLUMNS, exclude)
 
 
-def mined_rows(platform: str, queries, gallery, hn: HardNegativeConfig) -> list[dict[str, Any]]:
-    """Exact top-k over the gallery (mixed, or the platform's own images) -> records with negatives."""
-    q = queries[queries["platform"] == platform].reset_index(drop=True)
-    g = gallery if hn.gallery == "mixed" else gallery[gallery["platform"] == platform]
-    g = g.reset_index(drop=True)
-    _, neighbours = exact_search(np.stack(q["embedding"].to_numpy()), np.stack(g[platform].to_numpy()), hn.top_k)
-    g_locs = g["location_id"].to_numpy()
-    rows = []
-    for i, negs in enumerate(select_negatives(neighbours, q["location_id"].to_numpy(), g_locs, hn)):
-        if len(negs) < hn.per_query:
-            continue  # not enough other-location images in reach: drop the query rather than pad
-        rows.append({
-            "query": q["query"].iat[i], "image_id": q["image_id"].iat[i], "image_uri": q["image_uri"].iat[i],
-            "location_id": q["location_id"].iat[i], "platform": platform,
-            "neg_ids": [g["image_id"].iat[j] for j in negs], "neg_uris": [g["image_uri"].iat[j] for j in negs],
-            "neg_location_ids": [g_locs[j] for j in negs],
-        })
-    return rows
+def query_rows(train_uri: str, exclude: Collection[str] | None = None):
+    """One row per training statement, with its image's location and platform (lazy)."""
+    return _training_rows(train_uri, [*mining_tasks.GALLERY_COLUMNS, "texts"], exclude).flat_map(_statements)
+
+
+def write_embeddings(cfg: Config, experts: dict[str, str], train_uri: str,
+                     exclude: Collection[str] | None = None) -> None:
+    """Every training image under every expert's image head, each statement under its platform's text head,
+    streamed by Ray Data to mining's working folders (never collected here)."""
+    from geoloc_ray.embedding import embedding_dataset, text_embedding_dataset
+
+    platforms = list(experts)
+    image_heads = {p: (u, [p]) for p, u in experts.items()}
+    gallery = embedding_dataset(gallery_rows(train_uri, exclude), image_heads, cfg.index)
+    queries = text_embedding_dataset(query_rows(train_uri, exclude), {p: (u, p) for p, u in experts.items()},
+                                     cfg.index)
+    for ds, columns, uri in ((gallery, platforms, artifacts.mined_gallery_embeddings(cfg)),
+                             (queries, [EMBEDDING], artifacts.mined_query_embeddings(cfg))):
+        ds = ds.map_batches(mining_tasks.plain_vectors, fn_kwargs={"columns": columns}, batch_format="pyarrow",
+                            num_cpus=0.25)
+        io.write_dataset_parquet(ds, uri)
+
+
+def mine_embeddings(run: Config | str, platforms: list[str], hn: HardNegativeConfig, *,
+                    rows_per_task: int = QUERIES_PER_TASK, num_cpus: float = 1.0,
+                    num_gpus: float = 0.0) -> dict[str, dict[str, int]]:
+    """Mining tasks over the working folders' embeddings -> `mined/<platform>.parquet` part files; the driver
+    holds file lists, object refs and counts. `num_gpus` goes to the search tasks (faiss on the GPU it is given).
+    """
+    import ray
+
+    storage = io.storage_options()
+    gallery_parts = list_parts(artifacts.mined_gallery_embeddings(run))
+    if not gallery_parts:
+        raise ValueError("mining found no training image to mine from (none decodable outside the held-out set)")
+    load = ray.remote(mining_tasks.load_gallery).options(num_cpus=num_cpus)
+    galleries = [load.remote(gallery_parts, p, hn.gallery, storage) for p in platforms]  # in the store once
+    for p in platforms:
+        io.remove(artifacts.mined(run, p))  # an older run's rows (or its single file) must not mix in
+    search = ray.remote(mining_tasks.mine_block).options(num_cpus=num_cpus, num_gpus=num_gpus)
+    blocks = query_blocks(list_parts(artifacts.mined_query_embeddings(run)), rows_per_task)
+    counts = ray.get([search.remote(block, platforms, hn, [artifacts.mined_part(run, p, i) for p in platforms],
+                                    storage, *galleries) for i, block in enumerate(blocks)])
+    summary = {}
+    for p in platforms:
+        n_queries, n_rows = (sum(c[p][k] for c in counts) for k in ("queries", "rows"))
+        if not n_rows:
+            raise ValueError(f"mining for {p!r} found no query with {hn.per_query} other-location negatives")
+        summary[p] = {"queries": n_queries, "rows": n_rows, "dropped": n_queries - n_rows}
+    return summary
 
 
 def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str,
-                        exclude: set[str] | frozenset[str] | None = None) -> dict[str, Any]:
+                        exclude: Collection[str] | None = None) -> dict[str, Any]:
     """Write `mined/<platform>.parquet` per expert (held-out locations excluded); returns counts per expert."""
-    import pandas as pd
-
-    hn = cfg.train.hard_negatives
-    gallery = embed_training_gallery(cfg, experts, train_uri, exclude)
-    queries = embed_training_queries(cfg, experts, train_uri, exclude)
-    summary = {}
-    for platform in experts:
-        rows = mined_rows(platform, queries, gallery, hn)
-        if not rows:
-            raise ValueError(f"mining for {platform!r} found no query with {hn.per_query} other-location negatives")
-        io.write_parquet(artifacts.mined(cfg, platform), pd.DataFrame(rows))
-        n_queries = int((queries["platform"] == platform).sum())
-        summary[platform] = {"queries": n_queries, "rows": len(rows), "dropped": n_queries - len(rows)}
+    write_embeddings(cfg, experts, train_uri, exclude)
+    summary = mine_embeddings(cfg, list(experts), cfg.train.hard_negatives, num_cpus=cfg.index.build_num_cpus,
+                              num_gpus=cfg.index.actor_num_gpus)
+    io.remove(artifacts.mined_work(cfg))  # GBs of vectors at full scale; the rows are what stays
     log.info("mined hard negatives: %s", summary)
     return summary
 
@@ -124,6 +146,7 @@ def mine(cfg: Config, experts: dict[str, str], train_uri: str,
     if is_current(previous, key):
         log.info("mined hard negatives are up to date with the stage-1 experts %s: reused", key["models"])
         return {"reused": True, "platforms": previous["summary"]}
+    io.remove(path)  # rows are about to change: a stop mid-mining must not leave a manifest that still matches
     summary = mine_hard_negatives(cfg, experts, train_uri, exclude)
     io.write_json(path, {**key, "summary": summary})
     return {"reused": False, "platforms": summary}
