@@ -134,7 +134,10 @@ def start_head(num_cpus: int) -> LocalCluster:
     """`ray start --head` with the dashboard (the job API lives there), ports and temp dir of its own."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rE", dir="/tmp"))  # short: Ray's socket paths must stay < 108
     gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent = _free_ports(7)
-    cluster = LocalCluster(temp_dir, gcs, dashboard, _ray_env())
+    # RAY_ADDRESS reaches every worker of this cluster: Ray Train's placement-group cleaner looks the cluster up
+    # through the state API, which otherwise scans for GCS processes and fails when this machine runs other Ray
+    # instances (then finished fits keep their placement groups and starve later stages of CPUs).
+    cluster = LocalCluster(temp_dir, gcs, dashboard, {**_ray_env(), "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
     started = cluster.ray(
         "start", "--head", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", f"--port={gcs}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
