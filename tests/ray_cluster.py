@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` the job's entrypoint finds
-JOB_TIMEOUT_S = 900
+JOB_TIMEOUT_S = int(os.environ.get("GEOLOC_JOB_TIMEOUT_S", "1500"))  # a loaded 2-core machine is slow
 
 
 def _ray_env() -> dict[str, str]:
