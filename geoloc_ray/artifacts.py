@@ -175,9 +175,3 @@ def pipeline_last_run(run: Config | str) -> str:
 
 def logs_dir(run: Config | str) -> str:
     return artifact(run, "logs")
-
-
-def apply_storage_options(cfg: Config) -> None:
-    """Register the config's fsspec options (e.g. an S3 endpoint) for every URI this process touches."""
-    for proto, opts in cfg.data.storage_options.items():
-        io.set_storage_options(proto, opts)

@@ -10,8 +10,7 @@ from geoloc_ray.config import Config
 
 def use_storage(cfg: Config) -> None:
     """Register the config's fsspec options (an S3 endpoint, credentials) for every URI this process touches."""
-    for proto, opts in cfg.data.storage_options.items():
-        io.set_storage_options(proto, opts)
+    io.use_storage_options(cfg.data.storage_options)
 
 
 def connect(cfg: Config) -> None:

@@ -81,9 +81,9 @@ def run_submit(cfg: Config, queries_uri: str, gallery_uri: str, out_uri: str) ->
     from geoloc_ray.embedding import embed_images, query_vectors
     from geoloc_ray.model import load_model
     from geoloc_ray.preprocess.text import clean_query
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import init_ray, use_storage
 
-    artifacts.apply_storage_options(cfg)
+    use_storage(cfg)
     queries = read_queries(queries_uri)
     gallery = list_gallery(gallery_uri)
     model_uri = artifacts.model_dir(cfg, artifacts.MOE)

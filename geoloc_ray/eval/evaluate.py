@@ -185,9 +185,9 @@ def run_eval(cfg: Config) -> dict[str, Any]:
     """Write eval/metrics.json, eval/results.md and the plots; returns the metrics."""
     from geoloc_ray.eval.report import is_diagnostic, write_report
     from geoloc_ray.model import load_model
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import init_ray, use_storage
 
-    artifacts.apply_storage_options(cfg)
+    use_storage(cfg)  # before the model checks read storage; Ray only once they pass
     chosen = variants(cfg)
     heads = gallery_heads(chosen)
     model_uris = {m: artifacts.model_dir(cfg, m) for m in heads}

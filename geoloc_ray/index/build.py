@@ -111,10 +111,9 @@ def write_build(cfg: Config, frame, model_manifest: dict[str, Any], model_uri: s
 def run_index(cfg: Config) -> dict[str, Any]:
     """Index the gallery with the assembled PE-MoE model (`artifacts.MOE`), its experts in the gate's order."""
     from geoloc_ray.embedding import embedding_dataset
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import connect
 
-    artifacts.apply_storage_options(cfg)
-    init_ray(cfg)
+    connect(cfg)
     model_uri = artifacts.model_dir(cfg, artifacts.MOE)
     model_manifest = io.read_json(artifacts.require(artifacts.model_manifest(cfg, artifacts.MOE), "train"))
     experts = list(cfg.model.platforms)

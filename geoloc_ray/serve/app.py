@@ -77,11 +77,9 @@ def serve_locally(cfg: Config, block: bool = True) -> dict[str, Any]:
     With `block`, serve until Ctrl-C / SIGTERM, then shut Serve down. Without it, return once the app is up
     (a local Ray instance lives only as long as this process).
     """
-    from geoloc_ray.artifacts import apply_storage_options
-    from geoloc_ray.runtime import init_ray
+    from geoloc_ray.runtime import connect
 
-    apply_storage_options(cfg)
-    init_ray(cfg)
+    connect(cfg)
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})
     serve.run(build_app(AppArgs.from_config(cfg)), name=APP_NAME, route_prefix=s.route_prefix)
