@@ -64,13 +64,15 @@ def run_ladder(cfg: Config, seeds: Sequence[int] | None = None) -> str:
             BY_NAME["eval"].run(run)
         frames[seed], runs[str(seed)] = io.read_parquet(artifacts.per_query(run)), run.artifacts
     summary = {**summarize(frames, cfg), "runs": runs}
+    if cfg.ladder.baseline:
+        summary["baseline"] = against(frames, baseline_frames(cfg, seeds), cfg)
     write_ladder(ladder_uri(cfg), summary)
     return markdown(summary)
 
 
-def _values(frame: Any, variant: str, metric: str) -> np.ndarray:
+def _values(frame: Any, variant: str, metric: str, suffix: str = "") -> np.ndarray:
     """Per-query values whose mean is the metric, in percent (Score: the mean of hit@1 and hit@10)."""
-    hit1, hit10 = (frame[hit_column(variant, k)].to_numpy(dtype=np.float64) for k in (1, 10))
+    hit1, hit10 = (frame[hit_column(variant, k) + suffix].to_numpy(dtype=np.float64) for k in (1, 10))
     return 100.0 * {"R@1": hit1, "R@10": hit10, "score": (hit1 + hit10) / 2}[metric]
 
 
@@ -107,6 +109,36 @@ def summarize(frames: dict[int, Any], cfg: Config) -> dict[str, Any]:
         out["differences"].append({"from": earlier, "to": later, **diff,
                                    "significant": {m: not d["low"] <= 0 <= d["high"] for m, d in diff.items()}})
     out["claims"] = claims(out["differences"])
+    return out
+
+
+def baseline_frames(cfg: Config, seeds: Sequence[int]) -> dict[str, Any]:
+    """The baseline ladder's per-query files for `seeds` (from its ladder.json), and where it is."""
+    name = cfg.ladder.baseline
+    uri = name if "/" in name else artifacts.ladder_dir(cfg, name)
+    base = io.read_json(artifacts.require(artifacts.ladder_json(uri), f"ladder (--set ladder.name={name})"))
+    missing = [s for s in seeds if str(s) not in base["runs"]]
+    if missing:
+        raise ValueError(f"baseline ladder {uri} has no run for seeds {missing} (it ran {sorted(base['runs'])})")
+    return {"uri": uri, "frames": {s: io.read_parquet(artifacts.per_query(base["runs"][str(s)])) for s in seeds}}
+
+
+def against(frames: dict[int, Any], baseline: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Each variant's paired difference, this ladder - the baseline, per metric: the same seeds' queries joined
+    on query_id (the same worlds, so the same queries; a query missing from either side is an error)."""
+    lc, base, out = cfg.ladder, baseline["frames"], {"uri": baseline["uri"], "variants": {}}
+    for seed, frame in frames.items():
+        if set(frame["query_id"]) != set(base[seed]["query_id"]):
+            raise ValueError(f"seed {seed}: the baseline's queries differ from this ladder's (another world?)")
+    joined = {s: frames[s].merge(base[s], on="query_id", suffixes=("", ".base")) for s in frames}
+    names = [c.removesuffix(":hit@1") for c in next(iter(joined.values())).columns
+             if c.endswith(":hit@1") and all(f"{c}.base" in j for j in joined.values())]
+    for v in shown(names) + diagnostics(names):
+        out["variants"][v] = {}
+        for m in METRICS:
+            rng = np.random.default_rng(lc.bootstrap_seed)
+            per_seed = [_values(j, v, m) - _values(j, v, m, ".base") for j in joined.values()]
+            out["variants"][v][m] = interval(per_seed, lc.interval, lc.resamples, lc.confidence, rng).as_dict()
     return out
 
 
@@ -149,6 +181,14 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", "## Claims (Score)", ""]
         lines += [f"- {c['claim']}: {c['verdict']} (difference {_cell(c['difference'], signed=True)}; "
                   f"{'met' if c['on_mean'] else 'not met'} on the mean)" for c in summary["claims"]]
+    if summary.get("baseline"):
+        base = summary["baseline"]
+        lines += ["", f"## Against the baseline ladder {base['uri']} (this - baseline, same queries)", "",
+                  "| variant | R@1 | R@10 | Score | Score interval excludes 0 |", "|---|---:|---:|---:|---|"]
+        for v, d in base["variants"].items():
+            excludes = not d["score"]["low"] <= 0 <= d["score"]["high"]
+            lines.append(f"| {v} | " + " | ".join(_cell(d[m], signed=True) for m in METRICS)
+                         + f" | {'yes' if excludes else 'no'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -151,3 +151,33 @@ def test_run_ladder_aggregates_each_seeds_per_query_file(tmp_path, monkeypatch):
     assert saved["seeds"] == [1, 2] and saved["runs"]["2"] == str(out / "seed-2")
     assert (out / "ladder.md").read_text() == text and (out / "ladder.png").stat().st_size > 0
     assert "| static_ensemble - aligned |" in text and "## Claims (Score)" in text
+
+
+def test_a_ladder_is_compared_with_a_baseline_ladder_query_by_query(tmp_path, monkeypatch):
+    """Two ladders on the same worlds: the second reports each variant minus the first's, joined on query_id
+    (the baseline's rows are shuffled: the join, not the row order, pairs them)."""
+    from geoloc_ray import artifacts, io, ladder, pipeline
+    from geoloc_ray.config import Config
+
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda run: None)
+    monkeypatch.setattr(pipeline, "ensure_world", lambda run, loc, seed: None)
+    base_cfg = Config(artifacts=str(tmp_path / "artifacts" / "demo"), ladder={"resamples": 200, "name": "base"})
+    new_cfg = base_cfg.model_copy(update={"ladder": base_cfg.ladder.model_copy(
+        update={"name": "new", "baseline": "base"})})
+    better = {**RATES, "moe": (0.5, 0.8)}  # +10 R@1 and R@10 on moe, the rest unchanged
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        frame = _frame(rng, 90, RATES)
+        io.write_parquet(artifacts.per_query(ladder.seed_config(base_cfg, seed)), frame.sample(frac=1, random_state=0))
+        io.write_parquet(artifacts.per_query(ladder.seed_config(new_cfg, seed)),
+                         _frame(np.random.default_rng(seed), 90, better))
+    with pytest.raises(Exception, match="not found"):
+        ladder.run_ladder(new_cfg, [1, 2])  # the baseline ladder has not run yet
+    ladder.run_ladder(base_cfg, [1, 2])
+    text = ladder.run_ladder(new_cfg, [1, 2])
+    diff = json.loads((tmp_path / "artifacts" / "new" / "ladder.json").read_text())["baseline"]["variants"]
+    assert diff["aligned"]["score"] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # the same hits, query by query
+    assert diff["moe"]["R@1"]["mean"] == pytest.approx(10.0, abs=3.5) and diff["moe"]["R@1"]["low"] > 0
+    assert "## Against the baseline ladder" in text and "| moe | +" in text
+    with pytest.raises(ValueError, match="no run for seeds \\[3\\]"):
+        ladder.baseline_frames(new_cfg, [1, 3])

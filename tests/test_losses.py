@@ -139,3 +139,22 @@ def test_the_rows_of_two_workers_average_to_the_whole_batch_loss():
     halves = [info_nce(t[s], v[s], locs[s], 0.1, everyone=GlobalBatch(t, v, locs, s.start, hard, hard_locs))
               for s in (slice(0, 4), slice(4, 8))]
     assert torch.isclose(whole, sum(halves) / 2, atol=1e-6)
+
+
+def test_row_weights_make_a_weighted_mean_and_a_zero_weight_row_stays_a_negative():
+    from geoloc_ray.train.losses import GlobalBatch
+
+    torch.manual_seed(0)
+    t, v, locs = _unit(torch.randn(6, 8)), _unit(torch.randn(6, 8)), torch.arange(6)
+    plain = info_nce(t, v, locs, 0.1)
+    assert torch.isclose(info_nce(t, v, locs, 0.1, weights=torch.ones(6)), plain, atol=1e-6)
+    # each row's own term of the batch loss (its row of the global batch)
+    each = [info_nce(t[i : i + 1], v[i : i + 1], locs[i : i + 1], 0.1, everyone=GlobalBatch(t, v, locs, i))
+            for i in range(6)]
+    # row 5 weighs 0: the loss is rows 0-4's mean, yet image 5 still competes with their positives
+    zero = info_nce(t, v, locs, 0.1, weights=torch.tensor([1.0, 1, 1, 1, 1, 0]))
+    assert torch.isclose(zero, sum(each[:5]) / 5, atol=1e-6)
+    assert not torch.isclose(zero, info_nce(t[:5], v[:5], locs[:5], 0.1), atol=1e-4)
+    # a row weighing 3 counts as three copies of itself in the mean
+    w3 = torch.tensor([3.0, 1, 1, 1, 1, 1])
+    assert torch.isclose(info_nce(t, v, locs, 0.1, weights=w3), (3 * each[0] + sum(each[1:])) / 8, atol=1e-6)

@@ -42,6 +42,12 @@ def _triplets(n: int) -> dict[str, np.ndarray]:
             "neg_location_ids": np.array([[f"{900 + i:04d}", f"{(i + 2) // 2:04d}"] for i in range(n)])}
 
 
+# (result key, kind, whole batch, job fields): "replay" weighs the rows of platforms other than the head's
+# (drone) 0.25, and the halves hold 1 and 2 drone rows, so each worker's weights sum differently
+STEPS = [("pairs", "pairs", _rows(8), {}), ("triplets", "triplets", _triplets(8), {}),
+         ("replay", "pairs", _rows(8), {"other_platform_weight": 0.25})]
+
+
 def _half(batch: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
     n = len(batch["location_id"]) // 2
     return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
@@ -62,14 +68,14 @@ def _job(init: str, kind: str = "pairs", **kw) -> JobSpec:
                    init_head=None if kind.startswith("gate") else "satellite", lr=1e-3, **kw)
 
 
-def _loss_and_grads(init: str, kind: str, batch) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(init: str, kind: str, batch, **job_kw) -> tuple[float, dict[str, torch.Tensor]]:
     """One step's loss and gradients of the trainable parts: the worker loop's own pieces, dropout off."""
     from geoloc_ray.train.kinds import kind_of
     from geoloc_ray.train.loop import _init_model
     from geoloc_ray.train.parallel import agreed, data_parallel
     from geoloc_ray.train.steps import make_context
 
-    cfg, job = _cfg(), _job(init, kind)
+    cfg, job = _cfg(), _job(init, kind, **job_kw)
     model = _init_model(cfg, job).eval()
     ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", None)
     loss_of = data_parallel(model, kind_of(kind).loss) or kind_of(kind).loss
@@ -104,8 +110,7 @@ def _worker(rank: int, init: str, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        result = {kind: _loss_and_grads(init, kind, _half(batch, rank))
-                  for kind, batch in (("pairs", _rows(8)), ("triplets", _triplets(8)))}
+        result = {name: _loss_and_grads(init, kind, _half(batch, rank), **kw) for name, kind, batch, kw in STEPS}
         # uneven shards (9 and 5 rows: 2 and 1 steps of 4): both take the same steps, nobody hangs
         result["uneven"] = _epochs(init, "pairs", _rows(9 if rank == 0 else 5, start=100 * rank), 14)
         result["even"] = _epochs(init, "pairs", _rows(8, start=100 * rank), 16)
@@ -133,10 +138,10 @@ def two_workers(moe, tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind, batch", [("pairs", _rows(8)), ("triplets", _triplets(8))])
-def test_two_workers_on_halves_match_one_worker_on_the_whole_batch(moe, two_workers, kind, batch):
-    loss, grads = _loss_and_grads(moe, kind, batch)
-    halves = [w[kind] for w in two_workers]
+@pytest.mark.parametrize("name, kind, batch, job_kw", STEPS, ids=[s[0] for s in STEPS])
+def test_two_workers_on_halves_match_one_worker_on_the_whole_batch(moe, two_workers, name, kind, batch, job_kw):
+    loss, grads = _loss_and_grads(moe, kind, batch, **job_kw)
+    halves = [w[name] for w in two_workers]
     # each worker's loss is its rows of the global loss: their mean is the whole batch's
     assert abs(sum(h[0] for h in halves) / 2 - loss) < 1e-5
     for _, worker_grads in halves:  # after DDP's all-reduce every worker holds the whole batch's gradient

@@ -192,3 +192,35 @@ def test_the_fused_tuning_is_anchored_to_the_frozen_gate_it_started_from(demo, t
     ctx = make_context(trained, job, off, np.random.default_rng(0), "cpu", _Shard(_pairs()))
     next(fused_batches(ctx, epoch=0))
     assert ctx.anchor_gate is None
+
+
+def test_an_experts_other_platform_rows_weigh_in_at_the_replay_share(tmp_path):
+    import pandas as pd
+
+    from geoloc_ray.train.data import Source
+    from geoloc_ray.train.run import expert_fit
+    from geoloc_ray.train.steps import _row_weights
+
+    # 2 satellite, 6 drone, 3 ground rows outside the held-out location "h" (whose rows must not count)
+    platforms = ["satellite"] * 2 + ["drone"] * 6 + ["ground"] * 3 + ["satellite", "drone"]
+    locations = [f"l{i}" for i in range(11)] + ["h", "h"]
+    pd.DataFrame({"platform": platforms, "location_id": locations}).to_parquet(tmp_path / "rows.parquet")
+    rows = Source(str(tmp_path / "rows.parquet"), exclude=frozenset({"h"}))
+
+    def fit(replay: float, platform: str):
+        cfg = config_from_dict({"train": {"expert_replay": replay}})
+        return expert_fit(cfg, platform, rows, str(tmp_path / "out"), str(tmp_path / "aligned"))
+
+    alone = fit(0.0, "satellite")
+    assert alone.source.platforms == ("satellite",) and alone.job.other_platform_weight is None
+    replayed = fit(0.5, "satellite")
+    assert replayed.source.platforms is None and replayed.source.exclude == frozenset({"h"})
+    # the 9 other rows weigh together half of the 2 satellite rows
+    assert replayed.job.other_platform_weight == pytest.approx(0.5 * 2 / 9)
+    assert fit(0.5, "drone").job.other_platform_weight == pytest.approx(0.5 * 6 / 5)
+
+    class Ctx:
+        job, device = replayed.job, "cpu"
+
+    weights = _row_weights(Ctx, np.array(["satellite", "drone", "ground", "satellite"]))
+    assert weights.tolist() == pytest.approx([1.0, 1 / 9, 1 / 9, 1.0])

@@ -178,6 +178,9 @@ class LadderConfig(_Model):
     resamples: int = Field(2000, ge=100)
     confidence: float = Field(0.95, gt=0, lt=1)
     bootstrap_seed: int = 0
+    # Another ladder (a name beside this one, or a URI) run on the same seeds: every variant is also reported as
+    # this ladder minus that one, paired on the same queries (what a config change buys, with an interval).
+    baseline: str | None = None
 
 
 class SubmitConfig(_Model):

@@ -72,6 +72,10 @@ class TrainConfig(_Model):
     # oracle: unanchored, the tuning overfits the few held-out places and has collapsed onto one expert.
     gate_fused_anchor: float = Field(1.0, ge=0)
     val_fraction: float = Field(0.12, ge=0, lt=0.5)  # training locations held out from every head
+    # An expert's stage 1 also sees the other platforms' rows, weighing together this share of its own platform's
+    # rows (0: its own platform alone). It is ranked against every platform's images at query time; trained on
+    # its own alone, the images it never saw can crowd its top ranks (measured: docs/BENCHMARKS.md, issue 15).
+    expert_replay: float = Field(0.0, ge=0)
     hard_negatives: HardNegativeConfig = Field(default_factory=HardNegativeConfig)
     max_failures: int = Field(2, ge=0)
     checkpoint_every_epochs: int = Field(1, ge=1)

@@ -42,6 +42,8 @@ class JobSpec:
     lr: float = 2e-5
     seed: int = 0
     steps_per_epoch: int = 1  # steps EACH worker takes per epoch, for the schedule (the driver counts the rows)
+    # pairs: each row of a platform other than `head`'s weighs this much in the loss (None: every row weighs 1).
+    other_platform_weight: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

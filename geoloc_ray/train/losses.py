@@ -34,12 +34,16 @@ def info_nce(
     hard_negatives: torch.Tensor | None = None,
     hard_locations: torch.Tensor | None = None,
     everyone: GlobalBatch | None = None,
+    weights: torch.Tensor | None = None,
+    weight_total: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Symmetric in-batch InfoNCE over unit vectors; text i's positive is image i.
 
     Off-diagonal pairs of the same location are masked out (not pushed apart). `hard_negatives` (N, D) are
     extra image candidates for the text->image direction only (mined: never the query's location). With
     `everyone`, this worker's texts and images are scored against the global batch (and all its hard negatives).
+    `weights` (one per row of this worker) make the loss a weighted mean, sum(w * loss) / `weight_total`
+    (default sum(w)): a row of weight 0 is a negative for the others and no query itself.
     """
     g = everyone or GlobalBatch(text, image, locations, 0, hard_negatives, hard_locations)
     targets = torch.arange(len(text), device=text.device) + g.offset
@@ -52,7 +56,10 @@ def info_nce(
         if g.hard_locations is not None:
             hard = hard.masked_fill(same_location_mask(locations, g.hard_locations), float("-inf"))
         t2i = torch.cat([t2i, hard], dim=1)
-    return 0.5 * (F.cross_entropy(t2i, targets) + F.cross_entropy(i2t, targets))
+    if weights is None:
+        return 0.5 * (F.cross_entropy(t2i, targets) + F.cross_entropy(i2t, targets))
+    per_row = 0.5 * (F.cross_entropy(t2i, targets, reduction="none") + F.cross_entropy(i2t, targets, reduction="none"))
+    return (weights * per_row).sum() / (weights.sum() if weight_total is None else weight_total)
 
 
 def gate_loss(logits: torch.Tensor, platform_ids: torch.Tensor) -> torch.Tensor:

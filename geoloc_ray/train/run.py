@@ -6,7 +6,7 @@
    `aligned` (the same start, on the refined captions) and the platform gate. `unified` and `aligned` get the
    same budget, so the ladder compares text sources, not training length.
 3. the three experts, in parallel, each specialising the aligned head on its platform's refined captions
-   (stage 1); hard-negative mining with the stage-1 experts; stage 2 on the mined records.
+   (stage 1; with `train.expert_replay` the other platforms' rows weigh in at that share); hard-negative mining with the stage-1 experts; stage 2 on the mined records.
 4. the MoE model (trunk + experts + gate), its gate then tuned on the fused loss over held-out locations.
 
 Every model lands in the run layout of `artifacts` (safetensors + manifest). A model whose manifest carries the
@@ -89,6 +89,31 @@ def fit_round(cfg: Config, train_hash: str, fits: list[Fit]) -> dict[str, Any]:
     return {r.job: r.metrics for r in results}
 
 
+def expert_fit(cfg: Config, platform: str, rows: Source, out: str, aligned: str) -> Fit:
+    """Stage 1 of one expert: the aligned head on its platform's rows, plus (`train.expert_replay` > 0) the other
+    platforms' rows weighted so that together they weigh `expert_replay` times its own."""
+    replay, weight = cfg.train.expert_replay, None
+    if replay > 0:
+        counts = platform_counts(rows)
+        own, other = counts.get(platform, 0), sum(n for p, n in counts.items() if p != platform)
+        if own == 0:
+            raise ValueError(f"no training rows of platform {platform!r} in {rows.uri} for its expert")
+        weight = replay * own / other if other else None
+    else:
+        rows = dataclasses.replace(rows, platforms=(platform,))
+    return stage_fit(cfg, f"{platform}-stage1", "pairs", cfg.train.stage1, rows, out, head=platform, init=aligned,
+                     init_head=ALIGNED, other_platform_weight=weight)
+
+
+def platform_counts(rows: Source) -> dict[str, int]:
+    """Rows per platform of a source (its location filters applied)."""
+    frame = io.read_parquet(rows.uri, columns=["platform", "location_id"])
+    keep = ~frame["location_id"].astype(str).isin(rows.exclude or ())
+    if rows.locations is not None:
+        keep &= frame["location_id"].astype(str).isin(rows.locations)
+    return {str(p): int(n) for p, n in frame.loc[keep, "platform"].value_counts().items()}
+
+
 def run_train(cfg: Config) -> dict[str, Any]:
     """All training rounds; returns per-job metrics and where the models are."""
     from geoloc_ray.model import assemble_moe
@@ -118,11 +143,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         stage_fit(cfg, GATE, "gate", t.gate, aligned_rows, models[GATE], init=models[STAGE0]),
     ])
     stage1 = {p: artifacts.expert_dir(cfg, p, 1) for p in platforms}
-    metrics |= fit_round(cfg, h, [
-        stage_fit(cfg, f"{p}-stage1", "pairs", t.stage1, dataclasses.replace(aligned_rows, platforms=(p,)),
-                  stage1[p], head=p, init=models[ALIGNED], init_head=ALIGNED)
-        for p in platforms
-    ])
+    metrics |= fit_round(cfg, h, [expert_fit(cfg, p, aligned_rows, stage1[p], models[ALIGNED]) for p in platforms])
     experts = stage1
     if t.stage2.epochs > 0:
         metrics["mining"] = mining.mine(cfg, stage1, refined, held_out)

@@ -1,7 +1,8 @@
 """One training step per kind of job: plain batch sources and loss functions over a worker's `StepContext`.
 With several workers the contrastive losses see every worker's batch (`train.global_negatives`).
 
-pairs: in-batch InfoNCE on (image, a query-like text of 1..N of its statements): stage 0 and expert stage 1.
+pairs: in-batch InfoNCE on (image, a query-like text of 1..N of its statements): stage 0 and expert stage 1 (an
+expert's rows of other platforms weigh `train.expert_replay`'s share, see run.py).
 triplets: stage 2, in-batch negatives plus each query's mined hard negatives (never of its own location).
 gate: the platform of each query's image, from the frozen trunk's query feature.
 gate_fused: the gate on the fused retrieval loss over held-out locations, experts frozen, anchored to the
@@ -143,9 +144,10 @@ def _accuracy(text: torch.Tensor, image: torch.Tensor) -> float:
 
 
 def _contrastive(ctx: StepContext, t: torch.Tensor, v: torch.Tensor, location_ids,
-                 hard: torch.Tensor | None = None, hard_ids=None) -> torch.Tensor:
+                 hard: torch.Tensor | None = None, hard_ids=None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """InfoNCE on this worker's rows; against every worker's texts, images and hard negatives (gathered with their
-    gradients) when there are several workers and `train.global_negatives` is on."""
+    gradients) when there are several workers and `train.global_negatives` is on. Row `weights` are normalised
+    by every worker's sum, so the workers' mean loss (DDP's gradient average) is the whole batch's weighted mean."""
     from geoloc_ray.train.batches import location_keys
     from geoloc_ray.train.losses import GlobalBatch, info_nce
 
@@ -163,7 +165,23 @@ def _contrastive(ctx: StepContext, t: torch.Tensor, v: torch.Tensor, location_id
             hard_sizes = [n * per_query for n in sizes]
             everyone.hard_negatives = gather_rows(hard, hard_sizes, grad=True)
             everyone.hard_locations = gather_rows(hard_locs, hard_sizes)
-    return info_nce(t, v, locs, ctx.cfg.train.temperature, hard, hard_locs, everyone)
+    total = None
+    if weights is not None and ctx.sizes is not None:
+        from geoloc_ray.train.parallel import gather_rows, world
+
+        total = gather_rows(weights, ctx.sizes).sum() / world()[1]
+    return info_nce(t, v, locs, ctx.cfg.train.temperature, hard, hard_locs, everyone, weights, total)
+
+
+def _row_weights(ctx: StepContext, platforms) -> torch.Tensor | None:
+    """An expert's own platform weighs 1, the others `job.other_platform_weight` (None: no weighting)."""
+    import torch
+
+    w = ctx.job.other_platform_weight
+    if w is None:
+        return None
+    own = torch.as_tensor(np.asarray(platforms) == ctx.job.head, device=ctx.device)
+    return torch.where(own, 1.0, float(w))
 
 
 # ----- losses per kind -------------------------------------------------------------------------------------------
@@ -178,7 +196,8 @@ def pairs_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
         with enc.autocast(ctx):
             v = enc.image(ctx, pixels)
     t, v = t.float(), v.float()
-    return _contrastive(ctx, t, v, batch["location_id"]), _accuracy(t, v)
+    loss = _contrastive(ctx, t, v, batch["location_id"], weights=_row_weights(ctx, batch["platform"]))
+    return loss, _accuracy(t, v)
 
 
 def triplets_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
