@@ -88,8 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"size {size} failed:\n{proc.stderr[-4000:]}")
         runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(runs[-1])
+    ratio = round(runs[-1]["driver_peak_mib"] / runs[0]["driver_peak_mib"], 3)
+    row = {"row": f"Index build, driver peak RSS at {runs[0]['size']} vs {runs[-1]['size']} vectors ({args.kind})",
+           "target": "<= 1.3x", "measured": f"{runs[0]['driver_peak_mib']} vs {runs[-1]['driver_peak_mib']} MiB = "
+           f"{ratio}x", "met": ratio <= 1.3}
     result = {"sizes": [r["size"] for r in runs], "driver_peak_mib": [r["driver_peak_mib"] for r in runs],
-              "ratio_largest_to_smallest": round(runs[-1]["driver_peak_mib"] / runs[0]["driver_peak_mib"], 3),
+              "ratio_largest_to_smallest": ratio, "rows": [row],
               "dim": args.dim, "shards": args.shards, "kind": args.kind, "runs": runs,
               "command": "python bench/index_memory.py " + " ".join(argv or sys.argv[1:])}
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ class Bench:
     full: list[str]
     quick: list[str]
     rows_from_stdout: Callable[[dict], list[Row]] | None = None  # the serve scripts print JSON, write no file
+    common_options: bool = True  # takes bench.common's --out / --omp-passive (index_memory: --out only)
 
 
 BENCHES = [
@@ -66,14 +67,19 @@ BENCHES = [
     Bench("serve_load", "bench/serve_load.py", ["--clients", "16", "--duration", "60"],
           ["--clients", "4", "--duration", "3"], _load_rows),
     Bench("demo_walltime", "bench/demo_walltime.py", [], ["--quick"]),
+    Bench("ddp_step", "bench/ddp_step.py", [], ["--quick"]),
+    Bench("index_memory", "bench/index_memory.py", [], ["--sizes", "2000,4000", "--dim", "64", "--shards", "2"],
+          common_options=False),
 ]
+# Not here: bench/gpu_train.py and bench/gpu_embedding.py are device checks for the GPU machine (docs/BENCHMARKS.md
+# names their commands); on a CPU they only smoke-test themselves, which the tests already do.
 
 
 def command(bench: Bench, quick: bool, out: Path, omp_passive: bool = False) -> list[str]:
     args = bench.quick if quick else bench.full
     if bench.rows_from_stdout is None:  # our scripts take the common options
         args = [*args, *(["--out", str(out)] if str(out) != str(OUT) else []),
-                *(["--omp-passive"] if omp_passive and not quick else [])]
+                *(["--omp-passive"] if omp_passive and not quick and bench.common_options else [])]
     return [sys.executable, bench.script, *args]
 
 
