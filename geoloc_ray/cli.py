@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ladder", help=HELP["ladder"])
     _add_config_args(p)
     p.add_argument("--seeds", type=_seed_list, default=None, help="e.g. 0,1,2 (default: ladder.seeds)")
+    p.add_argument("--aggregate-only", action="store_true",
+                   help="train nothing: aggregate the seed runs already under the ladder folder as they are")
     return parser
 
 
@@ -119,7 +121,7 @@ def _demo(cfg: Config, args: argparse.Namespace) -> Any:
 def _ladder(cfg: Config, args: argparse.Namespace) -> Any:
     from geoloc_ray.ladder import run_ladder
 
-    return run_ladder(cfg, seeds=args.seeds)
+    return run_ladder(cfg, seeds=args.seeds, train=not args.aggregate_only)
 
 
 COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo,

@@ -46,8 +46,10 @@ def seed_config(cfg: Config, seed: int) -> Config:
     return config_from_dict(tree, source=f"ladder seed {seed}")
 
 
-def run_ladder(cfg: Config, seeds: Sequence[int] | None = None) -> str:
-    """Train and evaluate every seed (reusing what is up to date), aggregate, write ladder.{md,json,png}."""
+def run_ladder(cfg: Config, seeds: Sequence[int] | None = None, train: bool = True) -> str:
+    """Train and evaluate every seed (reusing what is up to date), aggregate, write ladder.{md,json,png}.
+    `train=False` aggregates the seed runs as they are (another interval method, a subset of seeds, runs made by
+    an older version whose config hash differs); a seed with models but no per-query file is evaluated."""
     from geoloc_ray.pipeline import ensure_world, run_pipeline
     from geoloc_ray.stages import BY_NAME
 
@@ -57,9 +59,10 @@ def run_ladder(cfg: Config, seeds: Sequence[int] | None = None) -> str:
     frames, runs = {}, {}
     for seed in seeds:
         run = seed_config(cfg, seed)
-        if cfg.ladder.vary == "world":
-            ensure_world(run, None, seed)
-        run_pipeline(run)
+        if train:
+            if cfg.ladder.vary == "world":
+                ensure_world(run, None, seed)
+            run_pipeline(run)
         if not io.exists(artifacts.per_query(run)):  # an eval from before per-query files: redo eval alone
             BY_NAME["eval"].run(run)
         frames[seed], runs[str(seed)] = io.read_parquet(artifacts.per_query(run)), run.artifacts

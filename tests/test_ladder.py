@@ -151,6 +151,10 @@ def test_run_ladder_aggregates_each_seeds_per_query_file(tmp_path, monkeypatch):
     assert saved["seeds"] == [1, 2] and saved["runs"]["2"] == str(out / "seed-2")
     assert (out / "ladder.md").read_text() == text and (out / "ladder.png").stat().st_size > 0
     assert "| static_ensemble - aligned |" in text and "## Claims (Score)" in text
+    calls.clear()  # --aggregate-only: the runs as they are, nothing trained, the same report
+    args = build_parser().parse_args(["ladder", "--seeds", "2,1", "--aggregate-only"])
+    assert ladder.run_ladder(cfg, args.seeds, train=not args.aggregate_only) == text
+    assert calls == []
 
 
 def test_a_ladder_is_compared_with_a_baseline_ladder_query_by_query(tmp_path, monkeypatch):
