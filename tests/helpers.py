@@ -58,3 +58,22 @@ def assert_close_scaled(actual, expected, rel: float = 1e-6) -> None:
 
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     torch.testing.assert_close(actual, expected, rtol=0, atol=rel * max(scale, 1e-12))
+
+
+def prepared_world_with_model(root: Path, *, locations: int, seed: int, model_name: str, settings: dict):
+    """A small synthetic world, prepared, and a random-weight model with every expert head and a gate saved as
+    models/<model_name>: what the index and mining tests run their stage on. Returns (config, model, its URI)."""
+    from geoloc_ray import artifacts
+    from geoloc_ray.config import config_from_dict
+    from geoloc_ray.corpus.synth.build import synth_world
+    from geoloc_ray.model import build_model, save_model
+    from geoloc_ray.preprocess.prepare import run_prepare
+
+    synth_world(str(root / "world"), locations=locations, seed=seed, drone_views=2, ground_views=1, image_size=64,
+                progress=False)
+    cfg = config_from_dict({"data": {"root": str(root / "world")}, "artifacts": str(root / "art"), **settings})
+    run_prepare(cfg)
+    model = build_model(cfg.model, heads=list(cfg.model.platforms), gate=True, seed=0).eval()
+    uri = artifacts.model_dir(cfg, model_name)
+    save_model(model, uri, cfg)
+    return cfg, model, uri

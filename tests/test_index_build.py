@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import prepared_world_with_model
+
 pytest.importorskip("faiss")
 
 PLATFORMS = ["satellite", "drone", "ground"]
@@ -27,20 +29,8 @@ def _same_ranking(ids_a, scores_a, ids_b, scores_b, tie: float = 1e-4) -> None:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, ray_session):
     """A small demo world, prepared, with a random-weight PE-MoE model saved as models/moe."""
-    from geoloc_ray import artifacts
-    from geoloc_ray.config import config_from_dict
-    from geoloc_ray.corpus.synth.build import synth_world
-    from geoloc_ray.model import build_model, save_model
-    from geoloc_ray.preprocess.prepare import run_prepare
-
-    root = tmp_path_factory.mktemp("demo")
-    synth_world(str(root / "world"), locations=24, seed=3, drone_views=2, ground_views=1, image_size=64,
-                progress=False)
-    cfg = config_from_dict({"data": {"root": str(root / "world")}, "artifacts": str(root / "art"),
-                            "index": {"shards": 3, "batch_size": 8}})
-    run_prepare(cfg)
-    model = build_model(cfg.model, heads=PLATFORMS, gate=True, seed=0).eval()
-    save_model(model, artifacts.model_dir(cfg, artifacts.MOE), cfg)
+    cfg, model, _ = prepared_world_with_model(tmp_path_factory.mktemp("demo"), locations=24, seed=3, model_name="moe",
+                                              settings={"index": {"shards": 3, "batch_size": 8}})
     return cfg, model
 
 

@@ -9,6 +9,7 @@ import pytest
 from geoloc_ray.config import HardNegativeConfig
 from geoloc_ray.train.mining import mined_rows
 from geoloc_ray.train.mining_tasks import select_negatives
+from tests.helpers import prepared_world_with_model
 
 PLATFORMS = ["satellite", "drone", "ground"]
 
@@ -174,21 +175,9 @@ def test_mining_tasks_give_the_driver_mining_s_records(ray_session, tmp_path, ga
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory, ray_session):
     """A small prepared demo world and one random-weight model with every expert head (the stage-1 experts)."""
-    from geoloc_ray import artifacts
-    from geoloc_ray.config import config_from_dict
-    from geoloc_ray.corpus.synth.build import synth_world
-    from geoloc_ray.model import build_model, save_model
-    from geoloc_ray.preprocess.prepare import run_prepare
-
-    root = tmp_path_factory.mktemp("mining")
-    synth_world(str(root / "world"), locations=14, seed=5, drone_views=2, ground_views=1, image_size=64,
-                progress=False)
-    cfg = config_from_dict({"data": {"root": str(root / "world")}, "artifacts": str(root / "art"),
-                            "index": {"batch_size": 8},
-                            "train": {"hard_negatives": {"top_k": 12, "per_query": 2, "skip_top": 1}}})
-    run_prepare(cfg)
-    uri = artifacts.model_dir(cfg, "stage1")
-    save_model(build_model(cfg.model, heads=PLATFORMS, gate=True, seed=0).eval(), uri, cfg)
+    settings = {"index": {"batch_size": 8}, "train": {"hard_negatives": {"top_k": 12, "per_query": 2, "skip_top": 1}}}
+    cfg, _, uri = prepared_world_with_model(tmp_path_factory.mktemp("mining"), locations=14, seed=5,
+                                            model_name="stage1", settings=settings)
     return cfg, uri
 
 
