@@ -112,6 +112,22 @@ def summarize(frames: dict[int, Any], cfg: Config) -> dict[str, Any]:
         out["differences"].append({"from": earlier, "to": later, **diff,
                                    "significant": {m: not d["low"] <= 0 <= d["high"] for m, d in diff.items()}})
     out["claims"] = claims(out["differences"])
+    out["experts"] = expert_gains(frames, present, ci)
+    return out
+
+
+def expert_gains(frames: dict[int, Any], present: list[str], ci: Any) -> dict[str, dict[str, Any]]:
+    """Per query platform p: Score of expert_p alone minus `aligned` (the head it specialises from), and moe minus
+    aligned, on p's queries only, paired: does each expert beat its starting point where it is meant to?"""
+    out = {}
+    for expert in [v for v in present if v.startswith("expert_") and "aligned" in present]:
+        platform = expert.removeprefix("expert_")
+        mine = {s: frames[s][frames[s]["platform"] == platform] for s in sorted(frames)}
+        if any(len(f) == 0 for f in mine.values()):
+            continue
+        out[platform] = {later: ci([_values(f, later, "score") - _values(f, "aligned", "score") for f in mine.values()])
+                         for later in (expert, "moe") if later in present}
+        out[platform]["queries"] = {str(s): len(f) for s, f in mine.items()}
     return out
 
 
@@ -133,7 +149,7 @@ def against(frames: dict[int, Any], baseline: dict[str, Any], cfg: Config) -> di
     for seed, frame in frames.items():
         if set(frame["query_id"]) != set(base[seed]["query_id"]):
             raise ValueError(f"seed {seed}: the baseline's queries differ from this ladder's (another world?)")
-    joined = {s: frames[s].merge(base[s], on="query_id", suffixes=("", ".base")) for s in frames}
+    joined = {s: frames[s].merge(base[s], on="query_id", suffixes=("", ".base")) for s in sorted(frames)}
     names = [c.removesuffix(":hit@1") for c in next(iter(joined.values())).columns
              if c.endswith(":hit@1") and all(f"{c}.base" in j for j in joined.values())]
     for v in shown(names) + diagnostics(names):
@@ -180,6 +196,12 @@ def markdown(summary: dict[str, Any]) -> str:
     for d in summary["differences"]:
         lines.append(f"| {d['to']} - {d['from']} | " + " | ".join(_cell(d[m], signed=True) for m in METRICS)
                      + f" | {'yes' if d['significant']['score'] else 'no'} |")
+    if summary.get("experts"):
+        lines += ["", "## Each expert against `aligned` on its own platform's queries (Score, paired)", "",
+                  "| query platform | expert alone - aligned | moe - aligned | queries per seed |", "|---|---:|---:|---|"]
+        for platform, d in summary["experts"].items():
+            cells = [_cell(d[k], signed=True) if k in d else "-" for k in (f"expert_{platform}", "moe")]
+            lines.append(f"| {platform} | {cells[0]} | {cells[1]} | {', '.join(map(str, d['queries'].values()))} |")
     if summary.get("claims"):
         lines += ["", "## Claims (Score)", ""]
         lines += [f"- {c['claim']}: {c['verdict']} (difference {_cell(c['difference'], signed=True)}; "

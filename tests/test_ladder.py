@@ -7,6 +7,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from geoloc_ray.eval.intervals import Interval, bootstrap_interval, interval, t_interval
@@ -187,3 +188,23 @@ def test_a_ladder_is_compared_with_a_baseline_ladder_query_by_query(tmp_path, mo
     assert "## Against the baseline ladder" in text and "| moe | +" in text
     with pytest.raises(ValueError, match="no run for seeds \\[3\\]"):
         ladder.baseline_frames(new_cfg, [1, 3])
+
+
+def test_each_expert_is_compared_with_aligned_on_its_own_platforms_queries_only():
+    from geoloc_ray.config import Config
+    from geoloc_ray.ladder import summarize
+
+    rng = np.random.default_rng(2)
+    frames = {}
+    for s in (0, 1):
+        drone = _frame(rng, 60, {"aligned": (0.3, 0.6), "moe": (0.3, 0.6), "expert_drone": (0.4, 0.7),
+                                 "expert_ground": (0.0, 0.0)})
+        ground = _frame(rng, 30, {"aligned": (0.3, 0.6), "moe": (0.2, 0.5), "expert_drone": (0.4, 0.7),
+                                  "expert_ground": (0.3, 0.6)}).assign(platform="ground")
+        frames[s] = pd.concat([drone, ground], ignore_index=True)
+    experts = summarize(frames, Config(ladder={"resamples": 200}))["experts"]
+    assert set(experts) == {"drone", "ground"}  # expert_ground's zero hits on drone queries do not count
+    assert experts["drone"]["expert_drone"]["mean"] == pytest.approx(10.0, abs=4)
+    assert experts["drone"]["moe"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert experts["ground"]["expert_ground"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
+    assert experts["ground"]["moe"]["mean"] < 0 and experts["drone"]["queries"] == {"0": 60, "1": 60}
