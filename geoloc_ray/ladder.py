@@ -142,14 +142,23 @@ def baseline_frames(cfg: Config, seeds: Sequence[int]) -> dict[str, Any]:
     return {"uri": uri, "frames": {s: io.read_parquet(artifacts.per_query(base["runs"][str(s)])) for s in seeds}}
 
 
+def query_keys(frame: Any, columns: Sequence[str]) -> Any:
+    """What a query is, whatever its row: its image and text (`columns`; files of older runs lack the text), and
+    which occurrence of that it is. Row order, and so query_id, may differ between two runs of one world."""
+    key = frame[columns].astype(str).agg("\x1f".join, axis=1)
+    return key + "\x1f" + key.groupby(key).cumcount().astype(str)
+
+
 def against(frames: dict[int, Any], baseline: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """Each variant's paired difference, this ladder - the baseline, per metric: the same seeds' queries joined
-    on query_id (the same worlds, so the same queries; a query missing from either side is an error)."""
+    on what they are (`query_keys`; the same worlds, so the same queries; one missing on either side: error)."""
     lc, base, out = cfg.ladder, baseline["frames"], {"uri": baseline["uri"], "variants": {}}
-    for seed, frame in frames.items():
-        if set(frame["query_id"]) != set(base[seed]["query_id"]):
+    columns = [c for c in ("image_id", "query") if all(c in f for f in [*frames.values(), *base.values()])]
+    mine, theirs = ({s: f.assign(query_key=query_keys(f, columns)) for s, f in fr.items()} for fr in (frames, base))
+    for seed in frames:
+        if set(mine[seed]["query_key"]) != set(theirs[seed]["query_key"]):
             raise ValueError(f"seed {seed}: the baseline's queries differ from this ladder's (another world?)")
-    joined = {s: frames[s].merge(base[s], on="query_id", suffixes=("", ".base")) for s in sorted(frames)}
+    joined = {s: mine[s].merge(theirs[s], on="query_key", suffixes=("", ".base")) for s in sorted(frames)}
     names = [c.removesuffix(":hit@1") for c in next(iter(joined.values())).columns
              if c.endswith(":hit@1") and all(f"{c}.base" in j for j in joined.values())]
     for v in shown(names) + diagnostics(names):

@@ -295,3 +295,21 @@ def test_report_says_per_query_platform_whether_its_own_expert_scores_best_alone
     # without aligned the report says what to evaluate
     del results["variants"]["aligned"]
     assert "Evaluate `aligned`" in markdown(results)
+
+
+def test_queries_are_numbered_the_same_whatever_order_the_test_split_was_written_in(tmp_path):
+    import pandas as pd
+
+    from geoloc_ray import artifacts, io
+    from geoloc_ray.config import Config
+    from geoloc_ray.eval.evaluate import load_queries
+
+    test = pd.DataFrame({"image_id": ["b.jpg", "a.jpg", "c.jpg"], "location_id": ["2", "1", "3"],
+                         "platform": ["drone", "satellite", "ground"], "texts": [["two", "deux"], ["one"], ["three"]]})
+    seen = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        cfg = Config(artifacts=str(tmp_path / f"run{order[0]}"))
+        io.write_parquet(artifacts.prepared(cfg, "test"), test.iloc[order].reset_index(drop=True))
+        seen.append(load_queries(cfg))
+    pd.testing.assert_frame_equal(seen[0], seen[1])
+    assert seen[0]["query"].tolist() == ["one", "two", "deux", "three"]

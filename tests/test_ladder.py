@@ -161,8 +161,9 @@ def test_run_ladder_aggregates_each_seeds_per_query_file(tmp_path, monkeypatch):
 
 
 def test_a_ladder_is_compared_with_a_baseline_ladder_query_by_query(tmp_path, monkeypatch):
-    """Two ladders on the same worlds: the second reports each variant minus the first's, joined on query_id
-    (the baseline's rows are shuffled: the join, not the row order, pairs them)."""
+    """Two ladders on the same worlds: the second reports each variant minus the first's, paired by what each
+    query is (image + text): the baseline's rows are shuffled and renumbered, as two runs of one world may
+    number their queries differently."""
     from geoloc_ray import artifacts, io, ladder, pipeline
     from geoloc_ray.config import Config
 
@@ -174,10 +175,13 @@ def test_a_ladder_is_compared_with_a_baseline_ladder_query_by_query(tmp_path, mo
     better = {**RATES, "moe": (0.5, 0.8)}  # +10 R@1 and R@10 on moe, the rest unchanged
     for seed in (1, 2):
         rng = np.random.default_rng(seed)
-        frame = _frame(rng, 90, RATES)
-        io.write_parquet(artifacts.per_query(ladder.seed_config(base_cfg, seed)), frame.sample(frac=1, random_state=0))
+        frame = _frame(rng, 90, RATES).assign(image_id=[f"{i % 45:04d}.jpg" for i in range(90)],
+                                              query=[f"text {i}" for i in range(90)])
+        shuffled = frame.sample(frac=1, random_state=0).assign(query_id=frame["query_id"].to_numpy())
+        io.write_parquet(artifacts.per_query(ladder.seed_config(base_cfg, seed)), shuffled)
         io.write_parquet(artifacts.per_query(ladder.seed_config(new_cfg, seed)),
-                         _frame(np.random.default_rng(seed), 90, better))
+                         _frame(np.random.default_rng(seed), 90, better).assign(image_id=frame["image_id"],
+                                                                                  query=frame["query"]))
     with pytest.raises(Exception, match="not found"):
         ladder.run_ladder(new_cfg, [1, 2])  # the baseline ladder has not run yet
     ladder.run_ladder(base_cfg, [1, 2])

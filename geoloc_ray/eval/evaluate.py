@@ -68,10 +68,11 @@ def variants(cfg: Config) -> list[Variant]:
 
 
 def load_queries(cfg: Config):
-    """One row per test query: its text, the image it describes, that image's location and platform."""
+    """One row per test query: its text, the image it describes, that image's location and platform; ordered by
+    image (the parquet's file order may differ from run to run), so query n is the same query in every run."""
     import pandas as pd
 
-    test = io.read_parquet(artifacts.prepared(cfg, "test"))
+    test = io.read_parquet(artifacts.prepared(cfg, "test")).sort_values("image_id", kind="stable")
     rows = [{"query": str(q), "image_id": r.image_id, "location_id": r.location_id, "platform": r.platform}
             for r in test.itertuples() for q in r.texts]
     if not rows:

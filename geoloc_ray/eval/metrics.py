@@ -94,12 +94,13 @@ def hit_column(variant: str, k: int) -> str:
 
 
 def per_query_table(queries, ranks: dict[str, np.ndarray], ks: Sequence[int] = (1, 10)):
-    """One row per query (id, its image, location and platform) with each variant's location-level hit@k:
+    """One row per query (id, its image, location, platform and text) with each variant's location-level hit@k:
     what a multi-seed ladder resamples."""
     import pandas as pd
 
     table = pd.DataFrame({"query_id": [f"q{i:06d}" for i in range(len(queries))],
-                          **{c: queries[c].to_numpy() for c in ("image_id", "location_id", "platform")}})
+                          **{c: queries[c].to_numpy() for c in ("image_id", "location_id", "platform", "query")
+                             if c in queries}})
     for variant, r in ranks.items():
         for k in ks:
             table[hit_column(variant, k)] = np.asarray(r) < k
