@@ -224,3 +224,13 @@ def test_an_experts_other_platform_rows_weigh_in_at_the_replay_share(tmp_path):
 
     weights = _row_weights(Ctx, np.array(["satellite", "drone", "ground", "satellite"]))
     assert weights.tolist() == pytest.approx([1.0, 1 / 9, 1 / 9, 1.0])
+
+
+def test_a_worker_uses_the_cpus_it_was_given_rounded_not_truncated():
+    from geoloc_ray.train.loop import worker_threads
+
+    cfg = config_from_dict({})
+    # the demo's lone fit gets 0.9 x 2 CPUs; three concurrent fits 0.6 each
+    assert [worker_threads(cfg, c) for c in (1.8, 0.6, 0.3, 8.0)] == [2, 1, 1, 8]
+    assert worker_threads(cfg, None) == round(cfg.train.cpus_per_worker)
+    assert worker_threads(config_from_dict({"train": {"torch_threads": 3}}), 1.8) == 3

@@ -49,6 +49,12 @@ class JobSpec:
         return asdict(self)
 
 
+def worker_threads(cfg: Config, cpus: float | None) -> int:
+    """torch threads = the CPUs this worker was given, rounded (several trainers share a node: more would only
+    thrash). Rounded, not truncated: the demo gives a lone fit 1.8 of 2 CPUs, which truncation made 1 thread."""
+    return cfg.train.torch_threads or max(1, round(cpus if cpus is not None else cfg.train.cpus_per_worker))
+
+
 def _init_model(cfg: Config, job: JobSpec):
     from geoloc_ray.model import build_model, load_model
 
@@ -221,8 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     use_storage(cfg)  # this worker may read s3:// checkpoints through a custom endpoint
     job = JobSpec(**config["job"])
     rank = ray.train.get_context().get_world_rank()
-    # Threads = the CPUs this worker was given (several trainers share a node): more would only thrash.
-    torch.set_num_threads(cfg.train.torch_threads or max(1, int(config.get("cpus", cfg.train.cpus_per_worker))))
+    torch.set_num_threads(worker_threads(cfg, config.get("cpus")))
     torch.manual_seed(job.seed)  # the same fresh parts on every worker (DDP then broadcasts rank 0's anyway)
     model, opt_state, start_epoch = _restore()
     if model is None:
