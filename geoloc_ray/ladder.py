@@ -8,6 +8,7 @@ aggregates); the intervals come from each run's eval/per_query.parquet (eval/int
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -87,15 +88,23 @@ def method_text(cfg: Config) -> str:
             f"{100 * lc.confidence:g}% percentile interval)")
 
 
+def seed_interval(cfg: Config, per_seed: list[np.ndarray]) -> dict[str, float]:
+    """The configured interval of per-seed values; a fresh generator each call, so every variant and difference
+    is resampled alike."""
+    lc = cfg.ladder
+    rng = np.random.default_rng(lc.bootstrap_seed)
+    return interval(per_seed, lc.interval, lc.resamples, lc.confidence, rng).as_dict()
+
+
+def excludes_zero(d: dict[str, float]) -> bool:
+    return not d["low"] <= 0 <= d["high"]
+
+
 def summarize(frames: dict[int, Any], cfg: Config) -> dict[str, Any]:
     """Mean and interval per variant and metric, and the paired differences of COMPARISONS, from each seed's
     per-query hits. A variant missing from any seed is left out."""
     lc = cfg.ladder
-
-    def ci(per_seed: list[np.ndarray]) -> dict[str, float]:
-        rng = np.random.default_rng(lc.bootstrap_seed)  # the same resamples for every variant and difference
-        return interval(per_seed, lc.interval, lc.resamples, lc.confidence, rng).as_dict()
-
+    ci = partial(seed_interval, cfg)
     columns = [c for c in next(iter(frames.values())).columns if all(c in f for f in frames.values())]
     names = [c.removesuffix(":hit@1") for c in columns if c.endswith(":hit@1") and f"{c}0" in columns]
     present = shown(names) + diagnostics(names)
@@ -110,13 +119,13 @@ def summarize(frames: dict[int, Any], cfg: Config) -> dict[str, Any]:
         diff = {m: ci([_values(frames[s], later, m) - _values(frames[s], earlier, m) for s in seeds])
                 for m in METRICS}
         out["differences"].append({"from": earlier, "to": later, **diff,
-                                   "significant": {m: not d["low"] <= 0 <= d["high"] for m, d in diff.items()}})
+                                   "significant": {m: excludes_zero(d) for m, d in diff.items()}})
     out["claims"] = claims(out["differences"])
-    out["experts"] = expert_gains(frames, present, ci)
+    out["experts"] = expert_gains(frames, present, cfg)
     return out
 
 
-def expert_gains(frames: dict[int, Any], present: list[str], ci: Any) -> dict[str, dict[str, Any]]:
+def expert_gains(frames: dict[int, Any], present: list[str], cfg: Config) -> dict[str, dict[str, Any]]:
     """Per query platform p: Score of expert_p alone minus `aligned` (the head it specialises from), and moe minus
     aligned, on p's queries only, paired: does each expert beat its starting point where it is meant to?"""
     out = {}
@@ -125,7 +134,8 @@ def expert_gains(frames: dict[int, Any], present: list[str], ci: Any) -> dict[st
         mine = {s: frames[s][frames[s]["platform"] == platform] for s in sorted(frames)}
         if any(len(f) == 0 for f in mine.values()):
             continue
-        out[platform] = {later: ci([_values(f, later, "score") - _values(f, "aligned", "score") for f in mine.values()])
+        out[platform] = {later: seed_interval(cfg, [_values(f, later, "score") - _values(f, "aligned", "score")
+                                                    for f in mine.values()])
                          for later in (expert, "moe") if later in present}
         out[platform]["queries"] = {str(s): len(f) for s, f in mine.items()}
     return out
@@ -152,7 +162,7 @@ def query_keys(frame: Any, columns: Sequence[str]) -> Any:
 def against(frames: dict[int, Any], baseline: dict[str, Any], cfg: Config) -> dict[str, Any]:
     """Each variant's paired difference, this ladder - the baseline, per metric: the same seeds' queries joined
     on what they are (`query_keys`; the same worlds, so the same queries; one missing on either side: error)."""
-    lc, base, out = cfg.ladder, baseline["frames"], {"uri": baseline["uri"], "variants": {}}
+    base, out = baseline["frames"], {"uri": baseline["uri"], "variants": {}}
     columns = [c for c in ("image_id", "query") if all(c in f for f in [*frames.values(), *base.values()])]
     mine, theirs = ({s: f.assign(query_key=query_keys(f, columns)) for s, f in fr.items()} for fr in (frames, base))
     for seed in frames:
@@ -162,11 +172,8 @@ def against(frames: dict[int, Any], baseline: dict[str, Any], cfg: Config) -> di
     names = [c.removesuffix(":hit@1") for c in next(iter(joined.values())).columns
              if c.endswith(":hit@1") and all(f"{c}.base" in j for j in joined.values())]
     for v in shown(names) + diagnostics(names):
-        out["variants"][v] = {}
-        for m in METRICS:
-            rng = np.random.default_rng(lc.bootstrap_seed)
-            per_seed = [_values(j, v, m) - _values(j, v, m, ".base") for j in joined.values()]
-            out["variants"][v][m] = interval(per_seed, lc.interval, lc.resamples, lc.confidence, rng).as_dict()
+        out["variants"][v] = {m: seed_interval(cfg, [_values(j, v, m) - _values(j, v, m, ".base")
+                                                     for j in joined.values()]) for m in METRICS}
     return out
 
 
@@ -220,9 +227,8 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += ["", f"## Against the baseline ladder {base['uri']} (this - baseline, same queries)", "",
                   "| variant | R@1 | R@10 | Score | Score interval excludes 0 |", "|---|---:|---:|---:|---|"]
         for v, d in base["variants"].items():
-            excludes = not d["score"]["low"] <= 0 <= d["score"]["high"]
             lines.append(f"| {v} | " + " | ".join(_cell(d[m], signed=True) for m in METRICS)
-                         + f" | {'yes' if excludes else 'no'} |")
+                         + f" | {'yes' if excludes_zero(d['score']) else 'no'} |")
     return "\n".join(lines) + "\n"
 
 
