@@ -6,7 +6,8 @@
    `aligned` (the same start, on the refined captions) and the platform gate. `unified` and `aligned` get the
    same budget, so the ladder compares text sources, not training length.
 3. the three experts, in parallel, each specialising the aligned head on its platform's refined captions
-   (stage 1; with `train.expert_replay` the other platforms' rows weigh in at that share); hard-negative mining with the stage-1 experts; stage 2 on the mined records.
+   (stage 1; with `train.expert_replay` the other platforms' rows weigh in at that share); hard-negative
+   mining with the stage-1 experts; stage 2 on the mined records.
 4. the MoE model (trunk + experts + gate), its gate then tuned on the fused loss over held-out locations.
 
 Every model lands in the run layout of `artifacts` (safetensors + manifest). A model whose manifest carries the
