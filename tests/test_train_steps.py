@@ -167,6 +167,29 @@ def test_the_frozen_trunk_sees_each_statement_once_over_epochs(demo, text_layers
     assert len(ctx.cache) == len(seen)
 
 
+def test_the_heads_text_layers_run_by_length_and_give_the_padded_batchs_outputs_in_order(monkeypatch):
+    from geoloc_ray.model import TextTrunkOutput
+    from geoloc_ray.train import encode
+
+    cfg = config_from_dict({"train": {"batch_size": 8, "bf16": False}})
+    job = JobSpec(name="s", kind="pairs", head="unified", epochs=1, steps_per_epoch=1)
+    model = _init_model(cfg, job).eval()
+    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    texts = ["red", "a tall cream building with a red roof beside a lake", "two trees", "a lake", "roof",
+             "a small grey house next to a long straight road with cars", "park"]
+    trunk = model.text_trunk_output(texts)
+    head = model.heads["unified"].text
+    monkeypatch.setattr(encode, "TAIL_CHUNK", 3)  # several chunks of different lengths
+    with torch.no_grad():
+        chunked = encode.tail(ctx, head, trunk.split())
+        padded = head.tail(TextTrunkOutput.cat(trunk.split())).float()
+        direct = model.text_head("unified", trunk)
+        via_query_text = encode.query_text(ctx, texts)
+    assert chunked.shape == padded.shape == (len(texts), padded.shape[1])
+    assert torch.allclose(chunked, padded, atol=1e-5)
+    assert torch.allclose(via_query_text, direct, atol=1e-5)
+
+
 def _same_gate(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
