@@ -219,3 +219,33 @@ def test_mining_imports_no_ray_torch_or_faiss():
             "heavy = [m for m in ('ray', 'torch', 'faiss', 'pandas') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_mined_batch_decodes_each_image_once_and_drops_a_row_whose_image_is_broken(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from geoloc_ray.preprocess import images
+    from geoloc_ray.train.data import decode_triplet_batch
+
+    uris = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{i}.png")
+        uris.append(str(tmp_path / f"{i}.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    broken = str(tmp_path / "broken.png")
+    calls = []
+    decode = images.decode_pixels
+    monkeypatch.setattr("geoloc_ray.train.data.decode_pixels", lambda u, s: (calls.append(list(u)), decode(u, s))[1])
+    batch = {"query": np.array(["q0", "q1", "q2"]), "location_id": np.array(["a", "b", "c"]),
+             "platform": np.array(["drone", "ground", "drone"]),
+             "image_uri": np.array([uris[0], uris[1], uris[0]]),
+             "neg_uris": [np.array([uris[1], uris[2]]), np.array([uris[0], broken]), np.array([uris[2], uris[1]])],
+             "neg_location_ids": [np.array(["b", "c"]), np.array(["a", "x"]), np.array(["c", "b"])]}
+    out = decode_triplet_batch(batch, size=8)
+    assert len(calls) == 1 and sorted(calls[0]) == sorted([*uris, broken])  # four distinct files, one pass
+    assert list(out["query"]) == ["q0", "q2"]  # q1's second negative is broken: the row goes, the others stay
+    assert out["pixels"].shape == (2, 8, 8, 3) and out["neg_pixels"].shape == (2, 2, 8, 8, 3)
+    red, green, blue = (decode([u], 8)[0][0] for u in uris)
+    assert np.array_equal(out["pixels"][1], red) and np.array_equal(out["neg_pixels"][1, 0], blue)
+    assert np.array_equal(out["neg_pixels"][0, 1], blue) and np.array_equal(out["neg_pixels"][1, 1], green)
+    assert out["neg_location_ids"].tolist() == [["b", "c"], ["c", "b"]]

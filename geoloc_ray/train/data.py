@@ -48,19 +48,24 @@ def decode_batch(batch: dict[str, Any], *, size: int, storage: dict | None = Non
 def decode_triplet_batch(batch: dict[str, Any], *, size: int, storage: dict | None = None) -> dict[str, Any]:
     """Mined rows (query, pos, negs by URI) -> pixels for the positive and each hard negative."""
     io.use_storage_options(storage)
-    pos, ok = decode_pixels(batch["image_uri"], size)
-    negs, neg_ok = [], []
-    for uris in batch["neg_uris"]:
-        px, good = decode_pixels(list(uris), size)
-        negs.append(px)
-        neg_ok.append(all(good))
-    keep = np.asarray(ok, dtype=bool) & np.asarray(neg_ok, dtype=bool)
+    pos_uris = [str(u) for u in batch["image_uri"]]
+    neg_uris = [[str(u) for u in uris] for uris in batch["neg_uris"]]
+    # each image once: the rows of a batch share their images (a query per statement, negatives from one gallery)
+    unique = sorted({*pos_uris, *(u for uris in neg_uris for u in uris)})
+    pixels, decoded = decode_pixels(unique, size)
+    at = {u: i for i, u in enumerate(unique)}
+    pos = pixels[[at[u] for u in pos_uris]]
+    keep = np.array([decoded[at[p]] and all(decoded[at[u]] for u in uris)
+                     for p, uris in zip(pos_uris, neg_uris, strict=True)], dtype=bool)
+    per_row = max((len(uris) for uris in neg_uris), default=1)
+    negs = (np.stack([pixels[[at[u] for u in uris]] for uris in neg_uris]) if neg_uris
+            else np.zeros((0, per_row, size, size, 3), np.uint8))
     return {
         "query": np.asarray(batch["query"])[keep],
         "location_id": np.asarray(batch["location_id"])[keep],
         "platform": np.asarray(batch["platform"])[keep],
         "pixels": pos[keep],
-        "neg_pixels": np.stack(negs)[keep] if negs else np.zeros((0, 1, size, size, 3), np.uint8),
+        "neg_pixels": negs[keep],
         "neg_location_ids": np.stack([np.asarray(x, dtype=str) for x in batch["neg_location_ids"]])[keep],
     }
 
