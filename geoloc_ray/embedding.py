@@ -118,6 +118,28 @@ def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = Non
     return QueryVectors(out, np.concatenate(gates) if gates else None)
 
 
+def head_query_vectors(model, texts: Sequence[str], heads: Sequence[str], with_gate: bool = False,
+                       batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Each head's unit query vectors t_h(q) (and g(q)) from ONE trunk pass: every query variant of one model (a
+    head alone, or fused under any weights) is built from these; eval's ten variants had run the trunk eight times."""
+    import torch
+
+    names = list(heads)
+    vecs: dict[str, list[np.ndarray]] = {h: [] for h in names}
+    gates = []
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            trunk = model.text_trunk_output(list(texts[start : start + batch_size]))
+            for h in names:
+                vecs[h].append(model.text_head(h, trunk).float().cpu().numpy())
+            if with_gate:
+                gates.append(model.gate(trunk).float().cpu().numpy())
+    dim = model.model_cfg.embed_dim
+    out = {h: np.concatenate(v).astype(np.float32) if v else np.zeros((0, dim), np.float32) for h, v in vecs.items()}
+    gate = (np.concatenate(gates) if gates else np.zeros((0, len(model.platforms)), np.float32)) if with_gate else None
+    return out, gate
+
+
 def view_column(column: str, view: str) -> str:
     """The output column of `column`'s embeddings of a pixel view (e.g. `moe@blur-1`)."""
     return f"{column}@{view}"

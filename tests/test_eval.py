@@ -313,3 +313,28 @@ def test_queries_are_numbered_the_same_whatever_order_the_test_split_was_written
         seen.append(load_queries(cfg))
     pd.testing.assert_frame_equal(seen[0], seen[1])
     assert seen[0]["query"].tolist() == ["one", "two", "deux", "three"]
+
+
+def test_every_variant_of_a_model_comes_from_one_trunk_pass_and_matches_the_models_own_fusion(moe, frames):
+    from geoloc_ray.embedding import query_vectors
+    from geoloc_ray.eval.evaluate import encode_queries
+
+    queries, _ = frames
+    texts = queries["query"].tolist()
+    seen: list[int] = []
+    trunk = moe.text_trunk_output
+    moe.text_trunk_output = lambda t: (seen.append(len(t)), trunk(t))[1]
+    try:
+        cache: dict = {}
+        got = {name: encode_queries(_variant(name), moe, queries, cache)
+               for name in ["moe", "static_ensemble", "oracle_gate", *(f"expert_{p}" for p in PLATFORMS)]}
+    finally:
+        del moe.text_trunk_output
+    assert sum(seen) == len(texts)  # the queries went through the trunk once, for all six variants
+    gated = query_vectors(moe, texts, with_gate=True)  # the model's own fused query (fusion.fuse_query)
+    np.testing.assert_allclose(got["moe"].vectors, gated.vectors, atol=1e-5)
+    np.testing.assert_allclose(got["moe"].gate, gated.gate, atol=1e-6)
+    np.testing.assert_allclose(got["static_ensemble"].vectors, query_vectors(moe, texts, weights="static").vectors,
+                               atol=1e-5)
+    for p in PLATFORMS:
+        np.testing.assert_allclose(got[f"expert_{p}"].vectors, query_vectors(moe, texts, [p], None).vectors, atol=1e-5)

@@ -15,7 +15,7 @@ import numpy as np
 
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
-from geoloc_ray.embedding import QueryVectors, embed_images, query_vectors, view_column
+from geoloc_ray.embedding import QueryVectors, embed_images, head_query_vectors, view_column
 from geoloc_ray.eval.corruptions import corrupt
 from geoloc_ray.eval.metrics import (
     chance_recall,
@@ -28,7 +28,6 @@ from geoloc_ray.eval.metrics import (
 from geoloc_ray.eval.routing import (
     ORACLE,
     PLATFORM_GATE,
-    ROUTED,
     gate_summary,
     gate_weights,
     oracle_weights,
@@ -165,21 +164,43 @@ def score_variant(v: Variant, model, queries, gallery, model_heads: list[str], k
 
 
 def encode_queries(v: Variant, model, queries, cache: dict | None = None, gate_model: Any = None) -> QueryVectors:
-    """A variant's query vectors, with its routing weights when it routes. `cache` shares encodings between the
-    variants of one model: moe_places ranks moe's; expert_*, oracle_gate and platform_gate share each expert's."""
+    """A variant's query vectors, with its routing weights when it routes. Every variant of one model is built
+    from that model's per-head query vectors, encoded once (`cache`, shared by the model's variants): a head
+    alone, or concat_k(w_k t_k) under static, its own gate's, the oracle's or the platform gate's weights."""
     cache = {} if cache is None else cache
     key = (v.heads, v.weights)
-    if key in cache:
-        return cache[key]
-    if v.weights in ROUTED:
-        parts = [encode_queries(Variant(h, v.model, (h,), None), model, queries, cache).vectors for h in v.heads]
-        weights = (oracle_weights(queries["platform"].tolist(), v.heads) if v.weights == ORACLE
-                   else gate_weights(gate_model, queries["query"].tolist(), v.heads))
-        cache[key] = QueryVectors(routed_query(parts, weights), weights)
-    else:
-        cache[key] = query_vectors(model, queries["query"].tolist(), v.heads, v.weights,
-                                   with_gate=v.weights == "gate")
+    if key not in cache:
+        parts, own_gate = _head_vectors(model, queries, cache)
+        if v.weights is None:
+            cache[key] = QueryVectors(parts[v.heads[0]], None)
+        else:
+            weights = _routing(v, model, queries, own_gate, gate_model)
+            cache[key] = QueryVectors(routed_query([parts[h] for h in v.heads], weights), weights)
     return cache[key]
+
+
+def _head_vectors(model, queries, cache: dict) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    key = (tuple(model.head_names), "heads")
+    if key not in cache:
+        cache[key] = head_query_vectors(model, queries["query"].tolist(), model.head_names,
+                                        with_gate=model.gate is not None)
+    return cache[key]
+
+
+def _routing(v: Variant, model, queries, own_gate: np.ndarray | None, gate_model: Any) -> np.ndarray:
+    """(N, K) weights over `v.heads` for a fused variant."""
+    n, k = len(queries), len(v.heads)
+    if v.weights == "static":
+        return np.full((n, k), 1.0 / k, np.float32)
+    if v.weights == "gate":
+        if own_gate is None:
+            raise ValueError(f"variant {v.name!r} routes with the model's gate, but {v.model} has none")
+        return own_gate[:, [model.gate.platforms.index(h) for h in v.heads]]
+    if v.weights == ORACLE:
+        return oracle_weights(queries["platform"].tolist(), v.heads)
+    if v.weights == PLATFORM_GATE:
+        return gate_weights(gate_model, queries["query"].tolist(), v.heads)
+    raise ValueError(f"variant {v.name!r}: unknown weights {v.weights!r}")
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:

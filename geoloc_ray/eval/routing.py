@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 ORACLE, PLATFORM_GATE = "oracle", "platform_gate"  # Variant.weights routed here (not by the model's own gate)
-ROUTED = (ORACLE, PLATFORM_GATE)
 
 
 def oracle_weights(query_platforms: Sequence[str], experts: Sequence[str]) -> np.ndarray:
