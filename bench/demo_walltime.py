@@ -12,6 +12,9 @@ PYTHONPATH, RAY_ADDRESS, OMP_*), as a user's shell would have them. Stage second
 (it adds the world synthesis); the rest of `make demo`'s time is interpreter start-up, imports and Ray start/stop.
 Memory: the summed PSS of the command's whole process tree (Ray's processes included), sampled every second.
 --quick parses an existing run (--run-dir, --log); with none, its row says so (it never invents a timing).
+Host speed: hosts of one kind differ ~2x in train-step time (two "AMD EPYC" hosts: 167 and 315 ms per PE expert
+step), and the demo is mostly training, so before the demo the PE and full-fine-tune steps of
+`bench/frozen_trunk.py` are timed on this host (this checkout's venv) and reported beside its wall time.
 """
 
 from __future__ import annotations
@@ -100,6 +103,16 @@ def clone(repo: str, ref: str, dest: Path) -> float:
     return time.perf_counter() - start
 
 
+def host_speed(timeout: float) -> dict[str, float]:
+    """Median ms per train step of `bench/frozen_trunk.py`'s PE expert and full fine-tune (demo model, batch 64,
+    bf16, 2 threads) on this host now: what a demo timing is read against."""
+    with tempfile.TemporaryDirectory(prefix="bench-host-") as out:
+        subprocess.run([sys.executable, str(ROOT / "bench" / "frozen_trunk.py"), "--no-production", "--rounds", "1",
+                        "--out", out], check=True, capture_output=True, timeout=timeout)
+        step = json.loads((Path(out) / "frozen_trunk.json").read_text())["results"]["step"]
+    return {name: round(v["median_step_s"] * 1000) for name, v in step.items()}
+
+
 def run_fresh(args) -> dict[str, Any]:
     """Clone, `make venv`, then the pipeline command; each timed apart."""
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-demo-"))
@@ -116,13 +129,15 @@ def run_fresh(args) -> dict[str, Any]:
         if venv["rc"] != 0:
             raise RuntimeError(f"`{args.venv_command}` failed ({venv['rc']}); see {venv['log']}")
         venv["disk_gb"] = _disk_gb(checkout / ".venv")
+        host = None if args.no_host_speed else host_speed(args.timeout)
         print(f"venv ready in {venv['seconds']:.0f}s; running `{args.command}` ...", flush=True)
         pipeline = run_logged(args.command, checkout, logs / "demo_walltime.demo.log", args.timeout)
         if pipeline["rc"] != 0:
             raise RuntimeError(f"`{args.command}` failed ({pipeline['rc']}); see {pipeline['log']}")
         log = Path(pipeline["log"]).read_text()
         printed, last_run = parse_stages_line(log), read_last_run(checkout / args.run_dir)
-        return {"commit": commit, "clone_s": clone_s, "venv": venv, "pipeline": pipeline, "printed": printed,
+        return {"commit": commit, "clone_s": clone_s, "venv": venv, "host_ms_per_step": host,
+                "pipeline": pipeline, "printed": printed,
                 "last_run": last_run, "shares": stage_shares(printed, last_run, pipeline["seconds"]),
                 "total_s": clone_s + venv["seconds"] + pipeline["seconds"], "workdir": str(work)}
     finally:
@@ -163,8 +178,11 @@ def rows_for(result: dict[str, Any], args) -> list[Row]:
                        None if seconds is None else seconds <= args.target_min * 60)
     if "venv" not in result:
         return [pipeline_row]
-    venv = result["venv"]
-    return [pipeline_row,
+    venv, host = result["venv"], result.get("host_ms_per_step")
+    host_row = Row("host speed before the demo: `bench/frozen_trunk.py` train step (batch 64, bf16, 2 threads)",
+                   "report", f"PE expert {host['pe']} ms, full fine-tune {host['full']} ms" if host else "not measured",
+                   None)
+    return [pipeline_row, host_row,
             Row(f"`{args.venv_command}` in a fresh clone (pip install -e .[cpu])", "report",
                 f"{venv['seconds'] / 60:.1f} min, {venv['disk_gb'] or '?'} GB on disk", None),
             Row("fresh clone -> demo results, whole (clone + venv + demo)", "report",
@@ -185,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--keep", action="store_true", help="keep the clone (and its ~7 GB venv)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per command")
     p.add_argument("--target-min", type=float, default=10.0)
+    p.add_argument("--no-host-speed", action="store_true", help="skip timing the host's train step first")
     args = parse(p, argv, {})
     started = time.time()
     result = parse_existing(args) if args.quick else run_fresh(args)
