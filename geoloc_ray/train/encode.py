@@ -67,7 +67,7 @@ def tail(ctx: StepContext, head, parts: list) -> torch.Tensor:
 
     from geoloc_ray.model import TextTrunkOutput
 
-    order = sorted(range(len(parts)), key=lambda i: int(parts[i].attention_mask.sum()))
+    order = sorted(range(len(parts)), key=lambda i: parts[i].hidden.shape[1])  # trimmed: no GPU sync per text
     with autocast(ctx):
         pooled = torch.cat([head.tail(TextTrunkOutput.cat([parts[i] for i in order[s : s + TAIL_CHUNK]])
                                       .to(ctx.device)).float()
