@@ -103,7 +103,7 @@ def clone(repo: str, ref: str, dest: Path) -> float:
     return time.perf_counter() - start
 
 
-def host_speed(timeout: float) -> dict[str, float]:
+def host_speed(timeout: float) -> dict[str, int]:
     """Median ms per train step of `bench/frozen_trunk.py`'s PE expert and full fine-tune (demo model, batch 64,
     bf16, 2 threads) on this host now: what a demo timing is read against."""
     with tempfile.TemporaryDirectory(prefix="bench-host-") as out:

@@ -93,8 +93,9 @@ def image_vectors(model, pixels: np.ndarray, heads: Sequence[str], bf16: bool = 
 
 def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = None, weights: str | None = "gate",
                   with_gate: bool = False, batch_size: int = 256) -> QueryVectors:
-    """The one query-encoding loop: t_h(q) of a single head (`weights=None`), else the fused concat_k(w_k t_k)
+    """Queries under one encoding: t_h(q) of a single head (`weights=None`), else the fused concat_k(w_k t_k)
     with the gate's (`"gate"`) or equal (`"static"`) weights; `with_gate` adds g(q) from the same trunk pass.
+    A caller that needs several of these for the same queries (eval's variants) takes `head_query_vectors` instead.
 
     `heads` defaults to the model's platforms (the gate's order).
     """

@@ -57,9 +57,8 @@ def decode_triplet_batch(batch: dict[str, Any], *, size: int, storage: dict | No
     pos = pixels[[at[u] for u in pos_uris]]
     keep = np.array([decoded[at[p]] and all(decoded[at[u]] for u in uris)
                      for p, uris in zip(pos_uris, neg_uris, strict=True)], dtype=bool)
-    per_row = max((len(uris) for uris in neg_uris), default=1)
     negs = (np.stack([pixels[[at[u] for u in uris]] for uris in neg_uris]) if neg_uris
-            else np.zeros((0, per_row, size, size, 3), np.uint8))
+            else np.zeros((0, 1, size, size, 3), np.uint8))
     return {
         "query": np.asarray(batch["query"])[keep],
         "location_id": np.asarray(batch["location_id"])[keep],
