@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -30,6 +30,7 @@ class Config(_Model):
     profile: str = "demo"
     artifacts: str = "artifacts/demo"
     seed: int = 0
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # where GPU-requesting stages compute (cpu: rehearsal)
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
