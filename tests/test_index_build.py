@@ -126,15 +126,15 @@ def test_vllm_asks_the_node_types_not_the_running_nodes(ray_session, monkeypatch
     import ray
 
     from geoloc_ray.captions import vllm_backend as vb
+    from geoloc_ray.cluster_types import node_types
 
     # Autoscaling cluster, GPU workers at 0 right now: the request goes ahead (the autoscaler brings them).
-    assert vb.gpu_request_error(2, {"head": 0, "gpu_workers": 4}, live={"head": 0}) is None
-    error = vb.gpu_request_error(8, {"head": 0, "gpu_workers": 4}, live={})
+    types = {"head": {"CPU": 0.0}, "gpu_workers": {"CPU": 8.0, "GPU": 4.0}}
+    assert vb.gpu_request_error(2, types, "the autoscaler's node types") is None
+    error = vb.gpu_request_error(8, types, "the autoscaler's node types")
     assert "'GPU'" in error and "refine.vllm.tensor_parallel_size=8" in error and "node types" in error
-    error = vb.gpu_request_error(1, None, live={"abc": 0})
-    assert "current nodes" in error and "no autoscaler config" in error
-    # This local instance publishes no autoscaler config: compared with its nodes, without cluster_resources().
+    # This local instance has no autoscaler: compared with its nodes, without cluster_resources().
     monkeypatch.setattr(ray, "cluster_resources", lambda: pytest.fail("cluster_resources() at start"))
-    assert vb.node_type_gpus() is None
+    assert node_types() is None
     with pytest.raises(RuntimeError, match="current nodes"):
         vb.check_gpus(1)

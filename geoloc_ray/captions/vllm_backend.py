@@ -24,45 +24,28 @@ from geoloc_ray.captions.refiner import (
 _WORK_COLUMNS = ("refine_key", "refine_output", "refine_was_cached")
 
 
-def node_type_gpus() -> dict[str, float] | None:
-    """GPUs per node of each node type the autoscaler may start (`available_node_types` of cluster.yaml /
-    KubeRay worker groups, as the autoscaler publishes them in the GCS); None when no autoscaler config is known."""
-    import ray._private.state
-
-    config = ray._private.state.state.get_cluster_config()
-    if config is None or not config.node_group_configs:
-        return None
-    return {g.name: float(g.resources.get("GPU", 0)) for g in config.node_group_configs if g.max_count != 0}
-
-
-def live_node_gpus() -> dict[str, float]:
-    import ray
-
-    return {n["NodeID"][:12]: float(n["Resources"].get("GPU", 0)) for n in ray.nodes() if n["Alive"]}
-
-
-def gpu_request_error(need: int, node_types: dict[str, float] | None, live: dict[str, float]) -> str | None:
+def gpu_request_error(need: int, offer: dict[str, dict[str, float]], where: str) -> str | None:
     """Why no node could ever hold one vLLM engine (`need` GPUs on one node), or None when one could: a node type
     with enough GPUs is enough, even at 0 running workers (the autoscaler starts it when the engine asks)."""
-    where = ("the autoscaler's node types" if node_types is not None else
-             "the current nodes (no autoscaler config is known, e.g. a fixed cluster or a local instance, so no "
-             "other node can join)")
-    offer = node_types if node_types is not None else live
-    best = max(offer.values(), default=0.0)
+    gpus = {name: resources.get("GPU", 0.0) for name, resources in offer.items()}
+    best = max(gpus.values(), default=0.0)
     if best >= need:
         return None
     return (f"refine.backend=vllm asks for {need} 'GPU' resource(s) on one node per engine "
             f"(refine.vllm.tensor_parallel_size={need}) but {where} offer at most {best:g} "
-            f"({', '.join(f'{k}: {v:g}' for k, v in offer.items()) or 'none'}): add a GPU node type to "
+            f"({', '.join(f'{k}: {v:g}' for k, v in gpus.items()) or 'none'}): add a GPU node type to "
             "cluster.yaml `available_node_types`, lower refine.vllm.tensor_parallel_size, or use "
             "refine.backend=transformers or rules")
 
 
 def check_gpus(tensor_parallel_size: int) -> None:
     """Fail at once when no node the cluster has or could start fits one engine; otherwise request the GPUs and
-    let the autoscaler bring them (what is up right now is not checked: GPU workers may sit at min_workers 0)."""
-    node_types = node_type_gpus()
-    error = gpu_request_error(tensor_parallel_size, node_types, live_node_gpus() if node_types is None else {})
+    let the autoscaler bring them (GPU types may sit at min_workers 0: declared is enough, started is not needed).
+    """
+    from geoloc_ray.cluster_types import offered_nodes
+
+    offer, where = offered_nodes()
+    error = gpu_request_error(tensor_parallel_size, offer, where) if offer is not None else None
     if error:
         raise RuntimeError(error)
 
