@@ -2,7 +2,7 @@
 actors) on random-weight EVA02-L-14 @ 384 px, on the GPU when there is one, and its fraction of the bf16 peak.
 
 The model (trunk + three expert image heads, random init: no model hub on the device) is saved once and loaded
-by the actor class the way a Ray actor loads it, on the device it was given (`embedding.given_device`), with the
+by the actor class the way a Ray actor loads it, on the device it resolves to (`devices.resolve_device`), with the
 actor's bf16 and `torch.compile` settings. Batches are `{"pixels": uint8}` (decoding is timed apart, on the
 actor's decode threads). FLOPs per image come from torch's FlopCounterMode over the same call.
 
@@ -104,9 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from geoloc_ray.embedding import ImageEmbedder, given_device
+    from geoloc_ray.devices import resolve_device
+    from geoloc_ray.embedding import ImageEmbedder
 
-    device = given_device()
+    device = resolve_device("auto")
     name, size, layers, dim = ("geoloc-eva-tiny", 64, 1, 64) if args.quick else ("EVA02-L-14", 384, 4, 1024)
     batches = [4] if args.quick else [int(b) for b in args.batches.split(",")]
     iters, warmup = (1, 1) if args.quick else (args.iters, 3)

@@ -5,14 +5,13 @@ Pixels are uint8 (N, H, W, 3) at the tower's input size everywhere outside the m
 tower's normalised float input lives here, once. This module sits below train/eval: what it does to pixels
 besides decoding (eval's corruptions) is passed in as callables.
 
-The actor classes run on the device Ray gave them: a GPU actor (`index.actor_num_gpus > 0`) computes under bf16
-autocast (and `torch.compile` when `index.compile`), a CPU actor in fp32 as before; images are decoded on a small
-thread pool beside the model.
+The actor classes run on the device the config's `device` resolves to (`geoloc_ray.devices`: under `auto`, the GPU
+Ray gave them): a GPU actor (`index.actor_num_gpus > 0`) computes under bf16 autocast (and `torch.compile` when
+`index.compile`), a CPU actor in fp32 as before; images are decoded on a small thread pool beside the model.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ import numpy as np
 
 from geoloc_ray import io
 from geoloc_ray.config import IndexConfig
+from geoloc_ray.devices import resolve_device
 from geoloc_ray.preprocess.images import decode_pixels
 
 PixelView = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> same shape, e.g. a corrupted copy
@@ -42,23 +42,6 @@ def input_size(model) -> int:
     from geoloc_ray.model import image_preprocess
 
     return image_preprocess(model).size
-
-
-def ray_withheld_gpus() -> bool:
-    """True in a Ray worker (task / actor / replica) that was assigned no GPU. Ray 2.60 leaves
-    CUDA_VISIBLE_DEVICES alone for such workers, so torch and faiss would still see the node's GPUs."""
-    ray = sys.modules.get("ray")  # imported by any Ray worker; never imported here just to ask
-    if ray is None or not ray.is_initialized():
-        return False
-    return ray.get_runtime_context().worker.mode == ray.WORKER_MODE and not ray.get_gpu_ids()
-
-
-def given_device() -> str:
-    """The device this process was given: in a Ray worker a GPU only when Ray assigned one (`num_gpus`, which
-    also sets CUDA_VISIBLE_DEVICES to it); elsewhere any GPU torch sees. Never a config guess."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() and not ray_withheld_gpus() else "cpu"
 
 
 def autocast(device: str, bf16: bool):
@@ -147,14 +130,15 @@ def view_column(column: str, view: str) -> str:
 
 
 class _Embedder:
-    """Model loading shared by the actor classes: onto the device this actor was given, in eval mode."""
+    """Model loading shared by the actor classes: onto the device `device` (the config's) resolves to here, in
+    eval mode."""
 
-    def __init__(self, storage: dict | None, torch_threads: int, bf16: bool):
+    def __init__(self, storage: dict | None, torch_threads: int, bf16: bool, device: str = "auto"):
         import torch
 
         io.use_storage_options(storage)
         torch.set_num_threads(torch_threads)
-        self.device, self.bf16 = given_device(), bf16
+        self.device, self.bf16 = resolve_device(device), bf16
 
     def _load(self, uri: str):
         """The model on this actor's device; on a GPU with `bf16`, its weights in bf16 too (autocast alone leaves
@@ -177,10 +161,10 @@ class ImageEmbedder(_Embedder):
 
     def __init__(self, models: dict[str, tuple[str, Sequence[str]]], storage: dict | None = None,
                  torch_threads: int = 1, views: Mapping[str, PixelView] | None = None, bf16: bool = True,
-                 compile: bool = False, decode_threads: int = 1):
+                 compile: bool = False, decode_threads: int = 1, device: str = "auto"):
         from concurrent.futures import ThreadPoolExecutor
 
-        super().__init__(storage, torch_threads, bf16)
+        super().__init__(storage, torch_threads, bf16, device)
         self.models = {col: (self._load(uri), list(heads)) for col, (uri, heads) in models.items()}
         if compile and self.device == "cuda":
             for model, heads in self.models.values():
@@ -222,8 +206,8 @@ class TextEmbedder(_Embedder):
     """`map_batches` callable: rows with `query` and `platform` -> `embedding` from that platform's expert."""
 
     def __init__(self, models: dict[str, tuple[str, str]], storage: dict | None = None, torch_threads: int = 1,
-                 bf16: bool = True):
-        super().__init__(storage, torch_threads, bf16)
+                 bf16: bool = True, device: str = "auto"):
+        super().__init__(storage, torch_threads, bf16, device)
         self.models = {platform: (self._load(uri), head) for platform, (uri, head) in models.items()}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -251,30 +235,31 @@ def _actor_args(ic: IndexConfig) -> dict[str, Any]:
             "num_gpus": ic.actor_num_gpus or None, "batch_format": "numpy"}
 
 
-def _runtime_kwargs(ic: IndexConfig) -> dict[str, Any]:
-    return {"storage": io.storage_options(), "torch_threads": ic.torch_threads, "bf16": ic.bf16}
+def _runtime_kwargs(ic: IndexConfig, device: str) -> dict[str, Any]:
+    return {"storage": io.storage_options(), "torch_threads": ic.torch_threads, "bf16": ic.bf16, "device": device}
 
 
 def embedding_dataset(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConfig,
-                      views: Mapping[str, PixelView] | None = None):
-    """The lazy Ray Dataset of image rows + one embedding column per model (and view): stream it to storage."""
+                      views: Mapping[str, PixelView] | None = None, device: str = "auto"):
+    """The lazy Ray Dataset of image rows + one embedding column per model (and view): stream it to storage.
+    `device` is the config's root `device` (each actor resolves it where it runs)."""
     return ds.map_batches(ImageEmbedder, batch_size=ic.batch_size, **_actor_args(ic),
                           fn_constructor_kwargs={"models": models, "views": dict(views or {}), "compile": ic.compile,
-                                                 "decode_threads": ic.decode_threads, **_runtime_kwargs(ic)})
+                                                 "decode_threads": ic.decode_threads, **_runtime_kwargs(ic, device)})
 
 
 def embed_images(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConfig,
-                 views: Mapping[str, PixelView] | None = None):
+                 views: Mapping[str, PixelView] | None = None, device: str = "auto"):
     """`embedding_dataset` collected as a pandas frame (test-gallery sized callers: eval, submit)."""
-    return embedding_dataset(ds, models, ic, views).to_pandas()
+    return embedding_dataset(ds, models, ic, views, device).to_pandas()
 
 
-def text_embedding_dataset(ds, models: dict[str, tuple[str, str]], ic: IndexConfig):
+def text_embedding_dataset(ds, models: dict[str, tuple[str, str]], ic: IndexConfig, device: str = "auto"):
     """The lazy Ray Dataset of `query`/`platform` rows + an `embedding` column (its platform's expert)."""
     return ds.map_batches(TextEmbedder, batch_size=256, **_actor_args(ic),
-                          fn_constructor_kwargs={"models": models, **_runtime_kwargs(ic)})
+                          fn_constructor_kwargs={"models": models, **_runtime_kwargs(ic, device)})
 
 
-def embed_texts(ds, models: dict[str, tuple[str, str]], ic: IndexConfig):
+def embed_texts(ds, models: dict[str, tuple[str, str]], ic: IndexConfig, device: str = "auto"):
     """`text_embedding_dataset` collected as a pandas frame."""
-    return text_embedding_dataset(ds, models, ic).to_pandas()
+    return text_embedding_dataset(ds, models, ic, device).to_pandas()

@@ -90,7 +90,7 @@ def run_submit(cfg: Config, queries_uri: str, gallery_uri: str, out_uri: str) ->
     artifacts.require(artifacts.model_manifest(cfg, artifacts.MOE), "train")
     init_ray(cfg)
     rows = ray.data.from_items([{"image_id": g.image_id, "image_uri": g.image_uri} for g in gallery])
-    frame = embed_images(rows, {"embedding": (model_uri, list(cfg.model.platforms))}, cfg.index)
+    frame = embed_images(rows, {"embedding": (model_uri, list(cfg.model.platforms))}, cfg.index, device=cfg.device)
     skipped = sorted({g.image_id for g in gallery} - set(frame["image_id"]))
     if skipped:
         log.warning("%d gallery images could not be decoded and are left out: %s", len(skipped), skipped[:5])

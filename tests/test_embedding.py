@@ -112,18 +112,20 @@ def test_decode_pixels_reports_broken_and_missing_files(tmp_path: Path):
 
 
 def test_embedding_actor_uses_the_device_it_was_given(saved_moe, ray_session, monkeypatch):
-    """CPU here (no GPU, or a Ray worker given none); CUDA only when torch sees one and Ray did not withhold it."""
+    """CPU here (no GPU, or a Ray worker given none); CUDA only when torch sees one and Ray did not withhold it;
+    `device: cpu` keeps it on the CPU even then."""
     import ray
 
-    from geoloc_ray import embedding
+    from geoloc_ray import devices, embedding
 
     embedder = embedding.ImageEmbedder({"emb": (saved_moe, PLATFORMS)}, bf16=True, compile=True)
     assert embedder.device == "cpu" and next(iter(embedder.models.values()))[0].device.type == "cpu"
-    assert ray.get(ray.remote(num_cpus=0.1)(embedding.ray_withheld_gpus).remote())  # a worker given no GPU
+    assert ray.get(ray.remote(num_cpus=0.1)(devices.ray_withheld_gpus).remote())  # a worker given no GPU
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert embedding.given_device() == "cuda"  # the driver (or a process outside Ray) takes what torch sees
-    monkeypatch.setattr(embedding, "ray_withheld_gpus", lambda: True)
-    assert embedding.given_device() == "cpu"
+    assert devices.resolve_device("auto") == "cuda"  # the driver (or a process outside Ray) takes what torch sees
+    assert embedding.TextEmbedder({}, device="cpu").device == "cpu"
+    monkeypatch.setattr(devices, "ray_gpus_assigned", lambda: False)
+    assert devices.resolve_device("auto") == "cpu"
 
 
 def test_decode_threads_keep_row_order_and_drop_the_same_rows(saved_moe, tmp_path: Path):

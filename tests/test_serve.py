@@ -207,9 +207,10 @@ def test_every_app_arg_is_reachable_from_the_configs():
     from geoloc_ray.config.sections import ServeAppConfig
 
     assert set(KNOBS) == set(ServeAppConfig.model_fields)
-    assert set(AppArgs.model_fields) == set(KNOBS) | {"artifacts", "storage_options"}
-    args = AppArgs.from_config(Config.model_validate({"artifacts": "s3://b/run", "serve": KNOBS}))
+    assert set(AppArgs.model_fields) == set(KNOBS) | {"artifacts", "storage_options", "device"}
+    args = AppArgs.from_config(Config.model_validate({"artifacts": "s3://b/run", "device": "cpu", "serve": KNOBS}))
     assert args.model_dump(include=set(KNOBS)) == KNOBS  # from_config carries every knob
+    assert args.device == "cpu"  # and the run's root `device`
     raw = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     assert set(raw["applications"][0]["args"]) == set(AppArgs.model_fields)  # serve_config.yaml lists them all
     demo = load_config(REPO / "configs" / "demo.yaml")

@@ -26,25 +26,18 @@ def _load_tokenizer(model_path: str):
     return tok
 
 
-def _device(num_gpus: float) -> str:
-    import torch
-
-    if num_gpus > 0 and not torch.cuda.is_available():
-        raise RuntimeError("refine.actor_num_gpus > 0 but this worker sees no CUDA device")
-    return "cuda" if num_gpus > 0 else "cpu"
-
-
 class TransformersGenerator:
-    """Greedy generation with a local causal LM; the chat template is used when the tokenizer has one."""
+    """Greedy generation with a local causal LM; the chat template is used when the tokenizer has one. It runs
+    where the config's `device` resolves to: under `auto`, the GPU Ray gave the actor (refine.actor_num_gpus)."""
 
-    def __init__(
-        self, model_path: str, max_new_tokens: int = 64, batch_size: int = 16, num_gpus: float = 0.0
-    ):
+    def __init__(self, model_path: str, max_new_tokens: int = 64, batch_size: int = 16, device: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM
 
+        from geoloc_ray.devices import resolve_device
+
         self.tokenizer = _load_tokenizer(model_path)
-        self.device = _device(num_gpus)
+        self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
         self.max_new_tokens = max_new_tokens

@@ -41,6 +41,7 @@ class RefineSettings:
     max_output_words: int = 40
     batch_size: int = 64
     num_gpus: float = 0.0
+    device: str = "auto"  # the config's root `device`, resolved in the actor (geoloc_ray.devices)
     storage_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -83,6 +84,7 @@ def settings_from_config(cfg) -> RefineSettings:
         max_output_words=rc.max_output_words,
         batch_size=rc.batch_size,
         num_gpus=rc.actor_num_gpus,
+        device=cfg.device,
         storage_options=io.storage_options(),
     )
 
@@ -232,7 +234,7 @@ class Refiner:
             from geoloc_ray.captions.hf import TransformersGenerator
 
             gen = TransformersGenerator(
-                settings.model, settings.max_new_tokens, settings.batch_size, settings.num_gpus
+                settings.model, settings.max_new_tokens, settings.batch_size, settings.device
             )
             generate = gen.generate
         elif settings.backend != "rules":

@@ -25,12 +25,16 @@ from geoloc_ray.config.sections import (
     _Model,
 )
 
+# auto: CUDA where torch sees one (a Ray worker only on the GPU Ray gave it), else the CPU; cuda: the GPU or fail;
+# cpu: compute on the CPU while every resource request stays as configured (geoloc_ray.devices).
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+
 
 class Config(_Model):
     profile: str = "demo"
     artifacts: str = "artifacts/demo"
     seed: int = 0
-    device: Literal["auto", "cuda", "cpu"] = "auto"  # where GPU-requesting stages compute (cpu: rehearsal)
+    device: DeviceChoice = "auto"  # where GPU-requesting stages compute (cpu: rehearsal)
     data: DataConfig = Field(default_factory=DataConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)

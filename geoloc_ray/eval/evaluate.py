@@ -113,7 +113,7 @@ def embed_gallery(cfg: Config, models: dict[str, tuple[str, list[str]]], corrupt
     ds = io.read_dataset_parquet(artifacts.prepared(cfg, "test"),
                                  columns=["image_id", "image_uri", "location_id", "platform"])
     views = {corruption_view(k, s): partial(corrupt, kind=k, severity=s) for k, s in corruptions}
-    return embed_images(ds, models, cfg.index, views)
+    return embed_images(ds, models, cfg.index, views, device=cfg.device)
 
 
 def places_search(queries: np.ndarray, vectors: np.ndarray, locations: np.ndarray, k: int) -> np.ndarray:

@@ -119,8 +119,8 @@ def run_index(cfg: Config) -> dict[str, Any]:
     experts = list(cfg.model.platforms)
     check_expert_order(experts, model_manifest["platforms"], "config model.platforms")  # before any GPU work
     build_id, build_uri = new_build(cfg, model_manifest)
-    write_embeddings(embedding_dataset(gallery_dataset(cfg), {"embedding": (model_uri, experts)}, cfg.index),
-                     build_uri)
+    write_embeddings(embedding_dataset(gallery_dataset(cfg), {"embedding": (model_uri, experts)}, cfg.index,
+                                       device=cfg.device), build_uri)
     manifest = build_from_embeddings(cfg.index, build_id, build_uri, experts, model_manifest, model_uri, cfg.seed)
     io.write_json(artifacts.index_latest(cfg), {"build": build_id})
     return {k: manifest[k] for k in ("build", "n", "dim", "spec", "model_version")} | {

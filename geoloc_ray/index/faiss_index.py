@@ -114,7 +114,7 @@ def usable_gpus() -> int:
     worker's GPU), else what faiss sees (0 with faiss-cpu)."""
     import faiss
 
-    from geoloc_ray.embedding import ray_withheld_gpus
+    from geoloc_ray.devices import ray_withheld_gpus
 
     return 0 if ray_withheld_gpus() or not hasattr(faiss, "get_num_gpus") else faiss.get_num_gpus()
 

@@ -41,7 +41,7 @@ def build_app(args: AppArgs) -> Application:
     io.use_storage_options(args.storage_options)
     model_manifest, index_manifest = _manifests(args)
     run, model_uri, storage, build = args.run_uri(), args.model_uri(), args.storage_options, index_manifest["build"]
-    torch_opts = (args.device(), args.torch_threads, args.max_batch_size, args.batch_wait_timeout_s)
+    torch_opts = (args.device, args.torch_threads, args.max_batch_size, args.batch_wait_timeout_s)
     common = {"max_ongoing_requests": args.max_ongoing_requests}
     model_opts = {"ray_actor_options": args.actor_options(gpu=True), **common}
     cpu_opts = {"ray_actor_options": args.actor_options(gpu=False), **common}

@@ -25,15 +25,16 @@ def own_storage(trunk: Any) -> Any:
 class QueryEncoder:
     """Loads the checkpoint without heads: text trunk + gate only (the image trunk is dropped)."""
 
-    def __init__(self, model_uri: str, storage: dict, device: str = "cpu", torch_threads: int = 1,
+    def __init__(self, model_uri: str, storage: dict, device: str = "auto", torch_threads: int = 1,
                  max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01):
         import torch
 
+        from geoloc_ray.devices import resolve_device
         from geoloc_ray.model import load_model
 
         io.use_storage_options(storage)
         torch.set_num_threads(torch_threads)
-        model = load_model(model_uri, device=device, heads=[]).eval()
+        model = load_model(model_uri, device=resolve_device(device), heads=[]).eval()
         if model.gate is None:
             raise ValueError(f"{model_uri}: this model has no gate; serve the assembled PE-MoE model "
                              f"(model: {artifacts.MOE}, the default)")

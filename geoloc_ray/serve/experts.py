@@ -21,18 +21,19 @@ class InjectedFailure(RuntimeError):
 
 @serve.deployment
 class ExpertHead:
-    def __init__(self, platform: str, model_uri: str, storage: dict, device: str = "cpu",
+    def __init__(self, platform: str, model_uri: str, storage: dict, device: str = "auto",
                  torch_threads: int = 1, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01):
         import torch
 
+        from geoloc_ray.devices import resolve_device
         from geoloc_ray.model import load_head, read_manifest
 
         io.use_storage_options(storage)
         torch.set_num_threads(torch_threads)
         self.platform = platform
-        self.device = device
+        self.device = resolve_device(device)
         self.model_version = read_manifest(model_uri)["model_version"]
-        self.head = load_head(model_uri, platform, device=device)
+        self.head = load_head(model_uri, platform, device=self.device)
         self.fail = False
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)

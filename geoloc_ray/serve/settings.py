@@ -13,6 +13,7 @@ from pydantic import Field
 
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
+from geoloc_ray.config.loading import DeviceChoice
 from geoloc_ray.config.sections import ServeAppConfig
 
 APP_NAME = "geoloc"
@@ -22,16 +23,20 @@ MAX_OFFSET = 10_000  # paging deeper than this is a crawl, not a search: refused
 
 
 class AppArgs(ServeAppConfig):
-    """Which run to serve (`artifacts`, `storage_options`) plus every knob of the `serve:` config section."""
+    """Which run to serve (`artifacts`, `storage_options`) and where the models compute (`device`, the run
+    config's root key) plus every knob of the `serve:` config section."""
 
     artifacts: str  # a run's artifacts folder or URI
     storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per protocol, e.g. {"s3": {...}}
+    # Resolved in each model replica (geoloc_ray.devices): auto = the GPU Ray gave it (num_gpus), else the CPU.
+    device: DeviceChoice = "auto"
 
     @classmethod
     def from_config(cls, cfg: Config) -> AppArgs:
         """`geoloc-ray serve`: the run config -> app args, knob by knob by field name (nothing mapped by hand)."""
         knobs = cfg.serve.model_dump(include=set(ServeAppConfig.model_fields))
-        return cls(artifacts=cfg.artifacts, storage_options=dict(cfg.data.storage_options), **knobs)
+        return cls(artifacts=cfg.artifacts, storage_options=dict(cfg.data.storage_options), device=cfg.device,
+                   **knobs)
 
     def run_uri(self) -> str:
         """Local paths are made absolute where build_app runs: replicas may start in another directory."""
@@ -42,9 +47,6 @@ class AppArgs(ServeAppConfig):
 
     def model_uri(self) -> str:
         return artifacts.model_dir(self.run_uri(), self.model_name())
-
-    def device(self) -> str:
-        return "cuda" if self.num_gpus > 0 else "cpu"
 
     def actor_options(self, gpu: bool) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus}

@@ -94,9 +94,11 @@ def worker_resources(cfg: Config, concurrent_workers: int) -> dict[str, float]:
 
 def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: float, run_name: str):
     """One TorchTrainer: `num_workers` workers of `cpus` CPUs (and a GPU each with `train.use_gpu`), placed by
-    `train.placement_strategy`."""
+    `train.placement_strategy`, computing on the device `device` resolves to (gloo with `device: cpu`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from geoloc_ray.train.backend import torch_config
 
     resources = {"CPU": cpus, **({"GPU": 1} if cfg.train.use_gpu else {})}
     storage_path, storage_fs = _storage(cfg)
@@ -107,6 +109,7 @@ def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: flo
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "job": job.to_dict(), "cpus": cpus},
+        torch_config=torch_config(cfg.device, cfg.train.use_gpu),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.train.placement_strategy),

@@ -220,6 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from geoloc_ray.devices import resolve_device
     from geoloc_ray.runtime import use_storage
     from geoloc_ray.train.parallel import data_parallel
 
@@ -237,7 +238,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _set_trainable(model, job)
     torch.manual_seed(job.seed + rank)
     rng = np.random.default_rng(job.seed + 1000 * rank)
-    device = ray.train.torch.get_device()
+    # The GPU Ray Train gave this worker, unless `device: cpu` (GPU requests kept, computing on the CPU).
+    device = ray.train.torch.get_device() if resolve_device(cfg.device) == "cuda" else torch.device("cpu")
     optimizer, scheduler = on_device(model, job, cfg, device, opt_state)
     ctx = make_context(model, job, cfg, rng, device, ray.train.get_dataset_shard("train"))
     ctx.parallel = data_parallel(model, kind_of(job.kind).loss)

@@ -73,9 +73,9 @@ def write_embeddings(cfg: Config, experts: dict[str, str], train_uri: str,
 
     platforms = list(experts)
     image_heads = {p: (u, [p]) for p, u in experts.items()}
-    gallery = embedding_dataset(gallery_rows(train_uri, exclude), image_heads, cfg.index)
+    gallery = embedding_dataset(gallery_rows(train_uri, exclude), image_heads, cfg.index, device=cfg.device)
     queries = text_embedding_dataset(query_rows(train_uri, exclude), {p: (u, p) for p, u in experts.items()},
-                                     cfg.index)
+                                     cfg.index, device=cfg.device)
     for ds, columns, uri in ((gallery, platforms, artifacts.mined_gallery_embeddings(cfg)),
                              (queries, [EMBEDDING], artifacts.mined_query_embeddings(cfg))):
         ds = ds.map_batches(mining_tasks.plain_vectors, fn_kwargs={"columns": columns}, batch_format="pyarrow",
