@@ -29,6 +29,7 @@ HELP = {
     "submit": "write a RoboSense Track 4 submission.txt for a queries file and a flat gallery",
     "demo": "synthesize a world, run the whole pipeline on it and print the ablation table",
     "ladder": "train and evaluate the ladder over several seeds; means, intervals and paired rung differences",
+    "rehearse": "the production profile end to end on this machine: autoscaling cluster, S3, vLLM, a lost node",
 }
 
 
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seed_list, default=None, help="e.g. 0,1,2 (default: ladder.seeds)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="train nothing: aggregate the seed runs already under the ladder folder as they are")
+    p = sub.add_parser("rehearse", help=HELP["rehearse"])
+    p.add_argument("--world", default=None, help="a GeoText-layout folder (default: a small synthetic world)")
+    p.add_argument("--out", default="build/rehearsal/out", help="where rehearsal.json and job.log go")
+    p.add_argument("--locations", type=int, default=10, help="locations of the synthetic world")
+    p.add_argument("--no-kill", action="store_true", help="do not kill a GPU node during stage 1")
+    p.add_argument("--config", default=None, help="default: configs/rehearsal.yaml of this checkout")
     return parser
 
 
@@ -124,6 +131,25 @@ def _ladder(cfg: Config, args: argparse.Namespace) -> Any:
     return run_ladder(cfg, seeds=args.seeds, train=not args.aggregate_only)
 
 
+def _rehearse(cfg: Config | None, args: argparse.Namespace) -> Any:
+    from pathlib import Path
+
+    from geoloc_ray.rehearse.run import Options, rehearse
+
+    opts = Options(out=Path(args.out).resolve(), world=Path(args.world).resolve() if args.world else None,
+                   locations=args.locations, kill_stage=None if args.no_kill else "stage1")
+    if args.config:
+        opts.config = Path(args.config).resolve()
+    report = rehearse(opts)
+    if report["problems"]:
+        raise RehearsalFailed("; ".join(report["problems"]) + f" (see {opts.out / 'rehearsal.json'})")
+    return report
+
+
+class RehearsalFailed(RuntimeError):
+    """The rehearsal ran but did not show what it must (job, nodes, refine, restarts, search)."""
+
+
 COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo,
             "ladder": _ladder}
 
@@ -148,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     from geoloc_ray.runtime import in_ray_job
 
     args = build_parser().parse_args(argv)
+    if args.command == "rehearse":  # its config is the checkout's rehearsal.yaml, loaded with run-time overrides
+        return _run_rehearse(args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it reports each SIMD build it probes
@@ -173,6 +201,18 @@ def main(argv: list[str] | None = None) -> int:
         if log:
             print(f"full log: {log}", file=sys.stderr)
     _print(result)
+    return 0
+
+
+def _run_rehearse(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        report = _rehearse(None, args)
+    except (RehearsalFailed, FileNotFoundError, ValueError) as exc:
+        print(f"geoloc-ray rehearse: error: {exc}", file=sys.stderr)
+        return 1
+    _print({k: report[k] for k in ("job", "nodes_started", "refine", "models", "index", "fault", "serve")})
     return 0
 
 

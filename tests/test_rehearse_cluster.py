@@ -78,7 +78,7 @@ def check(n):
 out["tp1_unpublished"] = check(1)
 publish_node_types(yaml.safe_load(open(sys.argv[1])))
 out["types_after"] = node_types()
-out["tp2"], out["tp3"] = check(2), check(3)
+out["tp1"], out["tp2"] = check(1), check(2)
 gpu = ray.remote(num_gpus=1)(lambda: (os.environ.get("RAY_NODE_TYPE_NAME"), ray.get_gpu_ids(),
                                       ray.get_runtime_context().get_node_id()))
 out["task"] = ray.get(gpu.remote(), timeout=240)
@@ -97,9 +97,9 @@ def test_gpu_types_at_zero_workers_are_not_refused_and_start_on_demand(fake_clus
     out = json.loads(next(line[5:] for line in probe.stdout.splitlines() if line.startswith("PROBE")))
     # Only the CPU-only head was up: the old check compared with it and refused every vLLM engine.
     assert out["autoscaler"] and out["types_before"] is None and out["tp1_unpublished"] == "ok"
-    assert out["types_after"]["gpu_train"]["GPU"] == 2 and out["types_after"]["gpu_llm"]["GPU"] == 1
-    assert out["tp2"] == "ok"  # gpu_train declares 2 GPUs per node, none started
-    assert "at most 2" in out["tp3"] and "node types" in out["tp3"]
+    assert out["types_after"]["gpu_train"]["GPU"] == 1 and out["types_after"]["gpu_llm"]["GPU"] == 1
+    assert out["tp1"] == "ok"  # declared GPU types, none started
+    assert "at most 1" in out["tp2"] and "node types" in out["tp2"]
     node_type_name, gpu_ids, node_id = out["task"]
     assert node_type_name in ("gpu_train", "gpu_llm") and gpu_ids == [0]
     joined = {n["node_id"]: node_type(n) for n in fake_cluster.nodes()}

@@ -122,6 +122,11 @@ class FakeCluster:
         return subprocess.run([str(self.bin_dir / "ray"), *args], cwd=self.cwd, env=self.env, capture_output=True,
                               text=True, timeout=timeout)
 
+    def ray_python(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """This venv's python with the cluster's environment (RAY_ADDRESS names it)."""
+        return subprocess.run([str(self.bin_dir / "python"), *args], cwd=self.cwd, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
     def get(self, route: str, timeout: float = 30) -> Any:
         with urllib.request.urlopen(self.address + route, timeout=timeout) as response:
             return json.loads(response.read())

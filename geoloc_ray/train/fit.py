@@ -51,19 +51,6 @@ def unsatisfiable(request: dict[str, float], nodes: list[dict[str, float]], what
     return f"a train worker asks for {request} ({', '.join(CONFIG_KEYS.values())}), which no single {what} has"
 
 
-def _autoscaler_node_types() -> list[dict[str, float]] | None:
-    """The node types an autoscaler may start, when Ray reports them (what Ray Train's own check reads)."""
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # an older or newer Ray without it: nothing to check against
-        return None
-    if config is None or not config.node_group_configs:
-        return None
-    return [{k: float(v) for k, v in g.resources.items()} for g in config.node_group_configs if g.max_count != 0]
-
-
 def _started_here() -> bool:
     """This driver started its own local instance (`ray.init()` without an address): no autoscaler behind it."""
     import ray._private.worker as ray_worker
@@ -80,7 +67,10 @@ def worker_resources(cfg: Config, concurrent_workers: int) -> dict[str, float]:
     import ray
 
     request = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
-    node_types, what = _autoscaler_node_types(), "node type"
+    from geoloc_ray.cluster_types import node_types as autoscaler_node_types
+
+    types = autoscaler_node_types()  # the autoscaler's types (KubeRay, or published from cluster.yaml)
+    node_types, what = (list(types.values()) if types is not None else None), "node type"
     if node_types is None and (cfg.train.fit_cpus_to_instance or _started_here()):
         node_types, what = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")], "node"
         if cfg.train.fit_cpus_to_instance:
