@@ -157,6 +157,10 @@ def test_rayservice_serves_serve_config_yaml() -> None:
                  ("applications", 0, "args", "num_gpus"): 0.5}
     for path, value in overrides.items():
         _set(expected, path, value)
+    # Production's index has 4 shards: every IndexShard_<i> gets its hot-swap entry.
+    expected["applications"][0]["deployments"] += [
+        {"name": f"IndexShard_{i}", "user_config": {"index_build": "latest"}}
+        for i in range(1, load_config(PRODUCTION).index.shards)]
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == expected, (
         "k8s/rayservice.yaml serveConfigV2 drifted from serve_config.yaml: copy serve_config.yaml into it and "
         "re-apply the lines marked 'RayService:'")

@@ -123,7 +123,8 @@ def serve_and_query(cluster: FakeCluster, cfg, opts: Options) -> dict[str, Any]:
     args = AppArgs.from_config(cfg).model_dump(mode="json")
     template = yaml.safe_load(opts.serve_yaml.read_text())
     t0 = time.monotonic()
-    serving.deploy(cluster, serving.serve_config(template, args, port), opts.out)
+    shards = cfg.index.shards
+    serving.deploy(cluster, serving.serve_config(template, args, port, shards), opts.out)
     serving.wait_until_healthy(port, opts.serve_timeout_s)
     status, body = serving.search(port)
     return {"status": status, "results": len(body.get("results", [])) if isinstance(body, dict) else 0,

@@ -18,15 +18,20 @@ from geoloc_ray.rehearse.cluster import FakeCluster
 QUERY = "drone view of a building with a red roof beside a lake"
 
 
-def serve_config(template: dict[str, Any], args: dict[str, Any], port: int) -> dict[str, Any]:
+def serve_config(template: dict[str, Any], args: dict[str, Any], port: int, shards: int) -> dict[str, Any]:
     """serve_config.yaml with the run's `args` (artifacts URI, storage options, the config's `serve:` knobs) and
-    every IndexShard_<i> pinned to the build. All fake nodes share one address, so only the head runs an HTTP
-    proxy (`EveryNode` would start one per node on the same port)."""
+    an IndexShard_<i> entry for every shard of the index (the hot-swap handle), as an operator writes it for
+    production. All fake nodes share one address, so only the head runs an HTTP proxy (`EveryNode` would start
+    one per node on the same port)."""
     config = copy.deepcopy(template)
     config["proxy_location"] = "HeadOnly"
     config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
     app = config["applications"][0]
     app["args"] = {**app.get("args", {}), **args}
+    others = [d for d in app.get("deployments", []) if not d["name"].startswith("IndexShard_")]
+    pinned = [{"name": f"IndexShard_{i}", "user_config": {"index_build": args.get("index_build", "latest")}}
+              for i in range(shards)]
+    app["deployments"] = others + pinned
     return config
 
 
