@@ -62,21 +62,10 @@ def test_production_shares_text_l1_l22_and_image_l1_l20(meta_model):
 
 @pytest.fixture(scope="module")
 def tiny_bge_m3(tmp_path_factory) -> str:
-    """A random 4-layer XLM-R saved like BGE-M3, with MiniLM's BERT tokenizer (+ an eos token)."""
-    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaModel
+    """The rehearsal's text model: a random 4-layer XLM-R saved like BGE-M3, MiniLM's tokenizer + an eos token."""
+    from geoloc_ray.model.tiny import make_tiny_bge_m3
 
-    from geoloc_ray.model.text_tower import resolve_text_path
-
-    folder = tmp_path_factory.mktemp("tiny-bge-m3")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_text_path("minilm"), local_files_only=True)
-    tokenizer.eos_token = "[SEP]"  # BGE-M3's sparse/colbert code reads eos_token_id
-    tokenizer.save_pretrained(folder)
-    config = XLMRobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                              intermediate_size=64, max_position_embeddings=130, type_vocab_size=2,
-                              pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    XLMRobertaModel(config).save_pretrained(folder)  # with a pooler, as BGE-M3's weights have
-    return str(folder)
+    return make_tiny_bge_m3(str(tmp_path_factory.mktemp("tiny-bge-m3")))
 
 
 def tiny_cfg(path: str) -> ModelConfig:
