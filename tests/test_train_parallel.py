@@ -43,9 +43,11 @@ def _triplets(n: int) -> dict[str, np.ndarray]:
 
 
 # (result key, kind, whole batch, job fields): "replay" weighs the rows of platforms other than the head's
-# (drone) 0.25, and the halves hold 1 and 2 drone rows, so each worker's weights sum differently
+# (drone) 0.25, and the halves hold 1 and 2 drone rows, so each worker's weights sum differently; "chunked" is
+# stage 2 through GradCache (4 rows x 3 images per worker in chunks of 5: backward 3 times, all-reduced once)
 STEPS = [("pairs", "pairs", _rows(8), {}), ("triplets", "triplets", _triplets(8), {}),
-         ("replay", "pairs", _rows(8), {"other_platform_weight": 0.25})]
+         ("replay", "pairs", _rows(8), {"other_platform_weight": 0.25}),
+         ("chunked", "triplets", _triplets(8), {"grad_cache_chunk": 5})]
 
 
 def _half(batch: dict[str, np.ndarray], rank: int) -> dict[str, np.ndarray]:
@@ -78,11 +80,10 @@ def _loss_and_grads(init: str, kind: str, batch, **job_kw) -> tuple[float, dict[
     cfg, job = _cfg(), _job(init, kind, **job_kw)
     model = _init_model(cfg, job).eval()
     ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", None)
-    loss_of = data_parallel(model, kind_of(kind).loss) or kind_of(kind).loss
+    ctx.parallel = data_parallel(model, kind_of(kind).loss)
     ((batch, ctx.sizes),) = list(agreed(iter([batch]), lambda b: len(b["location_id"]), "cpu"))
-    loss, _ = loss_of(ctx, batch)
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    loss, _ = kind_of(kind).run_step(ctx, batch)
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _epochs(init: str, kind: str, shard_rows, rows_total: int) -> dict:

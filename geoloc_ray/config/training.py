@@ -29,6 +29,17 @@ class StageConfig(_Model):
     train_text_layers: bool = True
 
 
+class Stage2Config(StageConfig):
+    """Stage 2's own keys: a mined row brings its positive and `hard_negatives.per_query` negatives (5 images at
+    the default), so its batch is sized apart. A subclass rather than keys on every stage: the other stages
+    refuse these keys (extra=forbid) instead of silently ignoring them."""
+
+    batch_size: int | None = Field(None, ge=2)  # rows per worker and step; None: train.batch_size
+    # GradCache: images (positives + negatives) through the trainable image layers at a time, with exact
+    # gradients; activations then grow with the chunk, not the batch. 0: the whole batch at once.
+    grad_cache_chunk: int = Field(0, ge=0)
+
+
 class TrainConfig(_Model):
     num_workers: int = Field(1, ge=1)  # data-parallel workers per fit (stage 0, each head, each expert, the gate)
     # Asked of Ray per worker, as written: an autoscaler brings nodes for it. A request no node type could ever
@@ -62,7 +73,7 @@ class TrainConfig(_Model):
     bf16: bool = True  # autocast matmuls to bfloat16 (CPUs with AVX512-BF16/AMX, and GPUs)
     stage0: StageConfig = Field(default_factory=lambda: StageConfig(epochs=10, lr=1e-3, train_text_layers=False))
     stage1: StageConfig = Field(default_factory=lambda: StageConfig(epochs=4, lr=2e-4))
-    stage2: StageConfig = Field(default_factory=lambda: StageConfig(epochs=2, lr=1e-4))
+    stage2: Stage2Config = Field(default_factory=lambda: Stage2Config(epochs=2, lr=1e-4))
     gate: StageConfig = Field(default_factory=lambda: StageConfig(epochs=20, lr=1e-3))
     # Then the gate is tuned on the fused retrieval loss over held-out training locations (0 epochs: skip):
     # experts fit their own training images too well to tell the gate how they do on new places.

@@ -6,6 +6,7 @@ torch is imported inside the functions: the recipe imports this module (through 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,27 @@ def image(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         trunk = model.image_trunk_output(x)
     return model.image_head(head, trunk)
+
+
+def image_stages(ctx: StepContext) -> tuple[Callable[[torch.Tensor], Any], Callable[[Any], torch.Tensor]]:
+    """The image encoder in two parts for a chunked step (`grad_cache`): the constant part, run once per chunk
+    (host pixels to the device, and the frozen trunk's output), and the part that trains (the head; the trunk
+    too when the job trains it), which runs again with a graph. Both as `image` under autocast; fp32 out."""
+    import torch
+
+    def constant(x: torch.Tensor) -> Any:
+        x = x.to(ctx.device)
+        if ctx.job.image_trunk:
+            return x
+        with torch.no_grad(), autocast(ctx):
+            return ctx.model.image_trunk_output(x)
+
+    def trainable(x: Any) -> torch.Tensor:
+        with autocast(ctx):
+            v = image(ctx, x) if ctx.job.image_trunk else ctx.model.image_head(ctx.job.head, x)
+        return v.float()
+
+    return constant, trainable
 
 
 def query_text(ctx: StepContext, texts: list[str]) -> torch.Tensor:

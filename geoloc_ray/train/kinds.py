@@ -21,13 +21,18 @@ class Kind:
     dataset: Callable[[data.Source, int], Any]  # driver: (rows, image size) -> the Ray Dataset sharded to workers
     batches: Callable[[steps.StepContext, int], Iterator[Any]]  # worker: (context, epoch) -> batches
     loss: Callable[[steps.StepContext, Any], steps.Loss]  # worker: (context, batch) -> (loss, batch accuracy)
+    # worker: forward and backward of one batch -> (detached loss, batch accuracy); None: `loss`, then backward
+    step: Callable[[steps.StepContext, Any], steps.Loss] | None = None
+
+    def run_step(self, ctx: steps.StepContext, batch: Any) -> steps.Loss:
+        return self.step(ctx, batch) if self.step is not None else steps.loss_step(ctx, batch, self.loss)
 
 
 KINDS: dict[str, Kind] = {
     "pairs": Kind(trains_gate=False, fresh_gate=False, all_heads=False, dataset=data.pairs_dataset,
                   batches=steps.shard_batches, loss=steps.pairs_loss),
     "triplets": Kind(trains_gate=False, fresh_gate=False, all_heads=False, dataset=data.triplets_dataset,
-                     batches=steps.shard_batches, loss=steps.triplets_loss),
+                     batches=steps.shard_batches, loss=steps.triplets_loss, step=steps.triplets_step),
     "gate": Kind(trains_gate=True, fresh_gate=True, all_heads=False, dataset=data.texts_dataset,
                  batches=steps.gate_batches, loss=steps.platform_gate_loss),
     "gate_fused": Kind(trains_gate=True, fresh_gate=False, all_heads=True, dataset=data.pairs_dataset,

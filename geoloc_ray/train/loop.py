@@ -44,6 +44,8 @@ class JobSpec:
     steps_per_epoch: int = 1  # steps EACH worker takes per epoch, for the schedule (the driver counts the rows)
     # pairs: each row of a platform other than `head`'s weighs this much in the loss (None: every row weighs 1).
     other_platform_weight: float | None = None
+    batch_size: int | None = None  # rows per worker and step (None: train.batch_size); stage 2 has its own
+    grad_cache_chunk: int = 0  # triplets: images through the trainable layers at a time (0: all at once)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,14 +133,12 @@ def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler) -> tuple[int, 
     from geoloc_ray.train.parallel import agreed
 
     kind = kind_of(ctx.job.kind)
-    loss_of = ctx.parallel or kind.loss
     totals = {"loss": 0.0, "acc": 0.0}
     n_steps = 0
     for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device):
         ctx.sizes = sizes
-        loss, acc = loss_of(ctx, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, acc = kind.run_step(ctx, batch)  # forward and backward (one or several, `grad_cache`)
         optimizer.step()
         scheduler.step()
         totals["loss"] += float(loss.detach())

@@ -97,8 +97,10 @@ class TrainableParts(nn.Module):
         self.parts = nn.ModuleList([m for _, m in model.components() if any(p.requires_grad for p in m.parameters())])
         self.loss = loss
 
-    def forward(self, ctx: Any, batch: Any) -> Any:
-        return self.loss(ctx, batch)
+    def forward(self, *args: Any, run: Callable[[], Any] | None = None) -> Any:
+        """The kind's loss on (ctx, batch); or `run()`, the forward of one of several backward calls in a step
+        (GradCache's chunks: each must pass through DDP for its backward to be reduced, or skipped under no_sync)."""
+        return run() if run is not None else self.loss(*args)
 
 
 def data_parallel(model: nn.Module, loss: Callable[..., Any]) -> Callable[..., Any] | None:

@@ -81,7 +81,8 @@ def fit_round(cfg: Config, train_hash: str, fits: list[Fit]) -> dict[str, Any]:
             log.info("%s: up to date at %s, skipped", fit.job.name, fit.out)
             continue
         dataset = kind_of(fit.job.kind).dataset(fit.source, image_size(cfg))
-        job = scheduled(fit.job, dataset.count(), cfg.train.batch_size, fit.min_steps, cfg.train.num_workers)
+        job = scheduled(fit.job, dataset.count(), fit.job.batch_size or cfg.train.batch_size, fit.min_steps,
+                        cfg.train.num_workers)
         todo.append((job, dataset, f"{job.name}-{train_hash}", fit.out))
     if not todo:
         return {}
@@ -151,7 +152,8 @@ def run_train(cfg: Config) -> dict[str, Any]:
         experts = {p: artifacts.expert_dir(cfg, p, 2) for p in platforms}
         metrics |= fit_round(cfg, h, [
             stage_fit(cfg, f"{p}-stage2", "triplets", t.stage2, Source(artifacts.mined(cfg, p)), experts[p],
-                      head=p, init=stage1[p])
+                      head=p, init=stage1[p], batch_size=t.stage2.batch_size,
+                      grad_cache_chunk=t.stage2.grad_cache_chunk)
             for p in platforms
         ])
 

@@ -76,7 +76,8 @@ def make_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, dev
     augment = None
     if cfg.preprocess.augment.enabled:
         augment = SatelliteAugment(cfg.preprocess.augment, seed=int(rng.integers(2**31)))
-    epochs = shards.ShardEpochs(shard, cfg.train.batch_size, job.seed, cfg.train.cache_shard_mb * 2**20)
+    batch_size = job.batch_size or cfg.train.batch_size
+    epochs = shards.ShardEpochs(shard, batch_size, job.seed, cfg.train.cache_shard_mb * 2**20)
     return StepContext(model, job, cfg, rng, device, shard, epochs, sampler, preprocess, augment,
                        TrunkCache(cfg.train.trunk_cache_items))
 
@@ -200,17 +201,59 @@ def pairs_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
     return loss, _accuracy(t, v)
 
 
-def triplets_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+def _triplet_images(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The positives, then each row's hard negatives in row order; and each image's platform."""
     pos, neg = batch["pixels"], batch["neg_pixels"]
     b, n = neg.shape[:2]
     platforms = np.concatenate([batch["platform"], np.repeat(batch["platform"], n)])
-    pixels = enc.pixels(ctx, np.concatenate([pos, neg.reshape(b * n, *neg.shape[2:])]), platforms)
+    return np.concatenate([pos, neg.reshape(b * n, *neg.shape[2:])]), platforms
+
+
+def _triplets_contrastive(ctx: StepContext, batch: dict[str, np.ndarray], t: torch.Tensor, v_all: torch.Tensor
+                          ) -> torch.Tensor:
+    b = len(t)
+    return _contrastive(ctx, t, v_all[:b], batch["location_id"], v_all[b:], batch["neg_location_ids"])
+
+
+def triplets_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+    pixels = enc.pixels(ctx, *_triplet_images(batch))
     with enc.autocast(ctx):
         t = enc.query_text(ctx, [str(q) for q in batch["query"]])
         v_all = enc.image(ctx, pixels)
     t, v_all = t.float(), v_all.float()
-    v, hard = v_all[:b], v_all[b:]
-    return _contrastive(ctx, t, v, batch["location_id"], hard, batch["neg_location_ids"]), _accuracy(t, v)
+    return _triplets_contrastive(ctx, batch, t, v_all), _accuracy(t, v_all)
+
+
+def triplets_step(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
+    """Stage 2's forward and backward. With `job.grad_cache_chunk` images pass the trainable layers that many at a
+    time (GradCache, `grad_cache`): the positives and hard negatives of a production batch (640 images through 4
+    EVA-L blocks) do not fit one GPU's activations at once; the gradients are the one-shot step's."""
+    import torch
+
+    from geoloc_ray.train.grad_cache import ChunkedEncoder, chunks
+
+    size = ctx.job.grad_cache_chunk
+    if not size:
+        return loss_step(ctx, batch, triplets_loss)
+    images, platforms = _triplet_images(batch)
+    host = ctx.preprocess(images, augment=ctx.augment, augment_mask=platforms == "satellite")  # to the device by chunk
+    with enc.autocast(ctx):
+        t = enc.query_text(ctx, [str(q) for q in batch["query"]]).float()  # its graph waits for the last chunk
+
+    constant, trainable = enc.image_stages(ctx)
+    images_enc = ChunkedEncoder(lambda rows: constant(host[rows]), trainable, chunks(len(host), size))
+    t_cached, v_cached = t.detach().requires_grad_(), images_enc.embeddings().requires_grad_()
+    loss = _triplets_contrastive(ctx, batch, t_cached, v_cached)
+    grad_t, grad_v = torch.autograd.grad(loss, [t_cached, v_cached])
+    images_enc.backward(grad_v, last=lambda: (t * grad_t).sum(), ddp=ctx.parallel)
+    return loss.detach(), _accuracy(t_cached.detach(), v_cached.detach())
+
+
+def loss_step(ctx: StepContext, batch: dict[str, np.ndarray], loss_of: Callable[..., Loss]) -> Loss:
+    """Forward (through DDP with several workers) and backward of a kind whose loss is one graph."""
+    loss, acc = (ctx.parallel or loss_of)(ctx, batch)
+    loss.backward()
+    return loss.detach(), acc
 
 
 def platform_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
