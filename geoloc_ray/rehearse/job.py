@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,69 +43,91 @@ def job_logs(cluster: FakeCluster, job_id: str) -> str:
 
 
 def train_runs(cluster: FakeCluster) -> list[dict[str, Any]]:
-    """Ray Train's own record of every run (the dashboard's Train view): attempts, workers, their nodes."""
-    return cluster.get(TRAIN_RUNS)["train_runs"]
+    """Ray Train's own record of every run (the dashboard's Train view): attempts, workers, their nodes. Empty
+    until the job's first fit creates Train's state actor (the route answers 500 before that)."""
+    import urllib.error
+
+    try:
+        return cluster.get(TRAIN_RUNS)["train_runs"]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 500:
+            return []
+        raise
 
 
 @dataclass
 class Fault:
-    """Which node was lost, under which fit, after which checkpoint."""
+    """Which node was lost, under which fit, when."""
 
     run: str = ""
     node_id: str = ""
     node_type: str = ""
-    checkpoint: str = ""
     killed_processes: int = 0
     at_s: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
-def checkpoints(fs, storage: str, run_name: str) -> list[str]:
-    """The checkpoint folders Ray Train persisted for one run (under `train` storage on S3)."""
-    try:
-        return sorted(p for p in fs.ls(f"{storage.rstrip('/')}/{run_name}") if "checkpoint_" in p.rsplit("/", 1)[-1])
-    except FileNotFoundError:
-        return []
+def job_name(run_name: str) -> str:
+    """A Train run is named `<job>-<train hash>` (train/run.py); the job's log lines say `[<job>] ...`."""
+    return run_name.rsplit("-", 1)[0]
 
 
-def stage1_target(cluster: FakeCluster, fs, storage: str, stage: str) -> tuple[dict, dict, str] | None:
-    """(run, its running attempt, a checkpoint) for a running `*-<stage>-*` fit that has persisted a checkpoint and
-    whose workers sit on a worker node; None while there is none."""
+def stage1_target(cluster: FakeCluster, logs: str, stage: str, seen: dict[str, float],
+                  settle_s: float = 4.0) -> tuple[dict, dict] | None:
+    """(run, its running attempt) for a `*-<stage>` fit in its first attempt whose first epoch ended at least
+    `settle_s` ago (its checkpoint persisted and registered by the controller) and whose last epoch has not:
+    None while there is no such fit. `seen` remembers when each fit's first epoch showed in the log."""
+    now = time.monotonic()
     for run in train_runs(cluster):
-        name = run["name"]
-        if f"-{stage}-" not in name or run["status"] != "RUNNING":
+        name = job_name(run["name"])
+        if not name.endswith(f"-{stage}") or run["status"] != "RUNNING":
             continue
-        attempts = [a for a in run.get("attempts", []) if a["status"] == "RUNNING"]
-        done = checkpoints(fs, storage, name)
-        if attempts and done and attempts[-1].get("workers"):
-            return run, attempts[-1], done[-1]
+        attempts = run.get("attempts", [])
+        if len(attempts) != 1 or attempts[0]["status"] != "RUNNING" or not attempts[0].get("workers"):
+            continue
+        epochs = re.findall(rf"\[{re.escape(name)}\] epoch (\d+)/(\d+)", logs)
+        if not epochs:
+            continue
+        seen.setdefault(name, now)
+        last_done = max(int(done) == int(total) for done, total in epochs)
+        if not last_done and now - seen[name] >= settle_s:
+            return run, attempts[0]
     return None
 
 
-def lose_a_node(cluster: FakeCluster, run: dict, attempt: dict, checkpoint: str, t0: float) -> Fault:
+def job_log_text(cluster: FakeCluster, job_id: str) -> str:
+    """The driver's log so far, through the REST API (a `ray job logs` process per poll would cost a core)."""
+    return cluster.get(f"/api/jobs/{job_id}/logs")["logs"]
+
+
+def lose_a_node(cluster: FakeCluster, run: dict, attempt: dict, t0: float) -> Fault:
     """Kill the node of the run's first worker (a GPU worker node: a head never hosts train workers)."""
     types = {n["node_id"]: node_type(n) for n in cluster.nodes()}
     node_id = attempt["workers"][0]["node_id"]
     if types.get(node_id, FAKE_HEAD_TYPE) == FAKE_HEAD_TYPE:
         raise RuntimeError(f"train run {run['name']} has a worker on the head node: nothing to kill safely")
     killed = cluster.kill_node(node_id)
-    log.warning("rehearsal: killed node %s (%s, %d processes) under %s after %s", node_id[-5:], types[node_id],
-                killed, run["name"], checkpoint.rsplit("/", 1)[-1])
-    return Fault(run["name"], node_id, types[node_id], checkpoint, killed, round(time.monotonic() - t0, 1))
+    log.warning("rehearsal: killed node %s (%s, %d processes) under %s in its last epoch", node_id[-5:],
+                types[node_id], killed, run["name"])
+    return Fault(run["name"], node_id, types[node_id], killed, round(time.monotonic() - t0, 1))
 
 
-def watch(cluster: FakeCluster, job_id: str, fs, storage: str, kill_stage: str | None, timeout_s: float,
-          poll_s: float = 2.0) -> tuple[str, Fault | None, float]:
+def watch(cluster: FakeCluster, job_id: str, kill_stage: str | None, timeout_s: float, poll_s: float = 2.0) -> tuple[str, Fault | None, float]:
     """Poll the job to its end, killing a node once under `kill_stage` (None: no fault). Returns (status, fault,
     wall seconds)."""
     t0 = time.monotonic()
     fault: Fault | None = None
+    shown, seen = 0, {}
     while time.monotonic() - t0 < timeout_s:
         status = job_status(cluster, job_id)
+        text = job_log_text(cluster, job_id)  # streamed as `ray job submit` without --no-wait would
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
         if status in TERMINAL:
             return status, fault, time.monotonic() - t0
         if kill_stage and fault is None:
-            target = stage1_target(cluster, fs, storage, kill_stage)
+            target = stage1_target(cluster, text, kill_stage, seen)
             if target:
                 fault = lose_a_node(cluster, *target, t0)
         time.sleep(poll_s)
@@ -111,7 +135,7 @@ def watch(cluster: FakeCluster, job_id: str, fs, storage: str, kill_stage: str |
     return "TIMEOUT", fault, time.monotonic() - t0
 
 
-def train_restarts(cluster: FakeCluster, job_submission_id: str | None = None) -> dict[str, int]:
+def train_restarts(cluster: FakeCluster) -> dict[str, int]:
     """Failed attempts per run, as Ray Train recorded them (an attempt ends ERRORED/ABORTED, another follows)."""
     out = {}
     for run in train_runs(cluster):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,11 +80,34 @@ def make_models(opts: Options) -> dict[str, str]:
     return {"model.text.path": str(text), "refine.vllm.model": str(llm)}
 
 
+def world_renames(world: Path, cfg) -> dict[str, str]:
+    """A synthetic world names its test split test.json; GeoText-1652 (production's `data.test_file`) names it
+    test_951_version.json: uploaded under the config's name, the config stays production's."""
+    d = cfg.data
+    if not (world / d.test_file).exists() and (world / "test.json").exists():
+        return {"test.json": d.test_file}
+    return {}
+
+
 def job_overrides(s3: LoopbackS3, run_uri: str, world_uri: str, models: dict[str, str]) -> list[str]:
     """Where this rehearsal's data, artifacts and models are (the endpoint's port is known only now)."""
     storage = json.dumps({"s3": s3.options})
     return [f"data.root={world_uri}", f"artifacts={run_uri}", f"data.storage_options={storage}",
             *(f"{k}={v}" for k, v in models.items())]
+
+
+def absolute_interpreter(cfg) -> list[str]:
+    """The vLLM runtime env's `py_executable`, if relative, made absolute in the checkout (the engine's worker
+    starts wherever its raylet does)."""
+    env = dict(cfg.refine.vllm.runtime_env)
+    exe = env.get("py_executable")
+    if not exe or os.path.isabs(exe):
+        return []
+    env["py_executable"] = str(REPO / exe)
+    if not os.path.exists(env["py_executable"]):
+        raise FileNotFoundError(f"refine.vllm.runtime_env.py_executable {env['py_executable']} is missing: "
+                                "`make vllm-env` builds the vLLM CPU environment")
+    return [f"refine.vllm.runtime_env={json.dumps(env)}"]
 
 
 def runtime_env() -> dict[str, Any]:
@@ -170,9 +194,10 @@ def rehearse(opts: Options) -> dict[str, Any]:
     world_uri, run_uri = f"s3://{BUCKET}/world", f"s3://{BUCKET}/runs/{run_id}"
     report: dict[str, Any] = {"config": str(opts.config), "world": str(world), "artifacts": run_uri}
     try:
-        report["world_files"] = upload_folder(s3, str(world), world_uri)
         overrides = job_overrides(s3, run_uri, world_uri, models)
         cfg = load_config(str(opts.config), overrides)
+        overrides += absolute_interpreter(cfg)
+        report["world_files"] = upload_folder(s3, str(world), world_uri, world_renames(world, cfg))
         use_storage(cfg)
         cluster = start_fake_cluster(opts.cluster_yaml, opts.sizes_yaml, REPO)
         publish = cluster.ray_python("-m", "geoloc_ray.cluster_types", str(cluster.temp_dir / "autoscaling.yaml"),
@@ -182,9 +207,7 @@ def rehearse(opts: Options) -> dict[str, Any]:
         entry = ["python", str(REPO / "jobs" / "pipeline.py"), "--config", str(opts.config),
                  *(a for o in overrides for a in ("--set", o))]
         jobs.submit(cluster, job_id, entry, runtime_env())
-        storage = artifacts.ray_train_storage(cfg)
-        status, fault, wall = jobs.watch(cluster, job_id, s3.filesystem(), storage, opts.kill_stage,
-                                         opts.job_timeout_s)
+        status, fault, wall = jobs.watch(cluster, job_id, opts.kill_stage, opts.job_timeout_s)
         (opts.out / "job.log").write_text(jobs.job_logs(cluster, job_id))
         restarts = jobs.train_restarts(cluster)
         report |= {"job": {"id": job_id, "status": status, "wall_s": round(wall, 1)},

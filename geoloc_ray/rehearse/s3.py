@@ -3,6 +3,7 @@ artifact there, as production does on S3, through the same fsspec options a MinI
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,8 @@ def start_s3(bucket: str) -> LoopbackS3:
         from moto.server import ThreadedMotoServer
     except ImportError as exc:
         raise RuntimeError("the rehearsal's S3 endpoint needs moto[server]: pip install -e '.[dev]'") from exc
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_ports(1)[0])
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_ports(1)[0], verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     s3 = LoopbackS3(server, {"key": "rehearsal", "secret": "rehearsal",
@@ -43,14 +45,16 @@ def start_s3(bucket: str) -> LoopbackS3:
     return s3
 
 
-def upload_folder(s3: LoopbackS3, local: str, uri: str) -> int:
-    """Copy a local folder (a GeoText-layout world) to `uri`; returns the number of files."""
+def upload_folder(s3: LoopbackS3, local: str, uri: str, renames: dict[str, str] | None = None) -> int:
+    """Copy a local folder (a GeoText-layout world) to `uri`, top-level files named in `renames` under their new
+    names; returns the number of files."""
     fs = s3.filesystem()
     count = 0
     for folder, _, files in os.walk(local):
         for name in files:
             path = os.path.join(folder, name)
-            fs.put_file(path, f"{uri.rstrip('/')}/{os.path.relpath(path, local)}")
+            rel = os.path.relpath(path, local)
+            fs.put_file(path, f"{uri.rstrip('/')}/{(renames or {}).get(rel, rel)}")
             count += 1
     if count == 0:
         raise ValueError(f"--world {local}: no files to upload")
