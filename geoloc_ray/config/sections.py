@@ -75,7 +75,9 @@ class VLLMConfig(_Model):
     concurrency: int = 1
     batch_size: int = 64
     max_model_len: int = 4096
-    # vLLM cannot share the main venv (it pins its own torch/transformers): it runs in its own runtime_env.
+    enforce_eager: bool = False  # True skips torch.compile / CUDA graphs: a faster engine start, slower decoding
+    # vLLM cannot share the main venv (it pins its own torch/transformers): the engine stage alone runs in this
+    # runtime_env: pip, or {py_executable: .venv-vllm/bin/python} (`make vllm-env`; relative to the checkout).
     # 0.29.0 is the version Ray 2.60's `llm` extra pins, i.e. the one ray.data.llm's engine stage is tested with.
     runtime_env: dict[str, Any] = Field(default_factory=lambda: {"pip": ["vllm==0.29.0"]})
 
@@ -87,6 +89,9 @@ class RefineConfig(_Model):
     model: str | None = None  # local causal-LM folder for the transformers backend
     max_new_tokens: int = Field(64, ge=1)
     max_output_words: int = Field(40, ge=3)
+    # A prompt holds a row's first statements only (rules refine the rest): prompts stay within the engine's
+    # max_model_len and the answer within max_new_tokens (captioned rows have 3-10 statements).
+    max_statements_per_prompt: int = Field(12, ge=1)
     batch_size: int = Field(64, ge=1)
     num_actors: int = Field(1, ge=1)
     actor_num_cpus: float = Field(0.5, gt=0)
