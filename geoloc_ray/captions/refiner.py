@@ -23,6 +23,7 @@ STAT_COLUMNS: tuple[str, ...] = (
     "refine_rejection",
     "refine_n_in",
     "refine_n_out",
+    "refine_error",
     *(f"refine_drop_{r}" for r in DROP_REASONS),
 )
 _SOURCE_OF_STATUS = {"ok": "rules", "original": "original", "empty": "empty"}
@@ -39,6 +40,7 @@ class RefineSettings:
     model: str | None = None
     max_new_tokens: int = 64
     max_output_words: int = 40
+    max_statements: int = 12  # per prompt (refine.max_statements_per_prompt)
     batch_size: int = 64
     num_gpus: float = 0.0
     device: str = "auto"  # the config's root `device`, resolved in the actor (geoloc_ray.devices)
@@ -54,7 +56,13 @@ class RefineSettings:
         fp = self.vocabulary.fingerprint()
         if self.backend == "rules":
             return f"rules:{fp}"
-        return f"{self.prompt_version}:{fp}:w{self.prompt_words}"
+        return f"{self.prompt_version}:{fp}:w{self.prompt_words}:s{self.max_statements}"
+
+    def split_statements(self, texts: list[str]) -> tuple[list[str], list[str]]:
+        """(what the prompt holds, what the rules refine). A long row's extra statements are not split into more
+        prompts: one row stays one prompt, one answer and one cache entry, with no regrouping after the engine;
+        they are not dropped either (a bare truncation would lose them whenever the answer is accepted)."""
+        return list(texts[: self.max_statements]), list(texts[self.max_statements :])
 
     @property
     def model_id(self) -> str:
@@ -82,6 +90,7 @@ def settings_from_config(cfg) -> RefineSettings:
         model=model,
         max_new_tokens=rc.max_new_tokens,
         max_output_words=rc.max_output_words,
+        max_statements=rc.max_statements_per_prompt,
         batch_size=rc.batch_size,
         num_gpus=rc.actor_num_gpus,
         device=cfg.device,
@@ -96,6 +105,7 @@ class RowOutcome:
     cache_hit: bool
     rejection: str = ""
     dropped: dict[str, int] = field(default_factory=dict)
+    error: str = ""  # the generation failed (the engine's message): the rules refined the row
 
 
 def rules_entry(key: str, texts: list[str], platform: str, s: RefineSettings) -> dict[str, Any]:
@@ -127,12 +137,20 @@ def finalize(
         return RowOutcome(
             out, _SOURCE_OF_STATUS[meta.get("status", "ok")], hit, "", dict(meta.get("dropped", {}))
         )
+    prompted, rest = s.split_statements(texts)
     parsed = parse_output(entry["output"])
-    reason = validate_output(parsed, texts, s.vocabulary, s.max_output_words)
+    reason = validate_output(parsed, prompted, s.vocabulary, s.max_output_words)
     if reason is None:
-        return RowOutcome(parsed, "llm", hit)
+        r = refine_rules(rest, platform, s.vocabulary) if rest else None
+        return RowOutcome(parsed + (r.texts if r else []), "llm", hit, "", dict(r.dropped) if r else {})
     r = refine_rules(texts, platform, s.vocabulary)
     return RowOutcome(r.texts, _SOURCE_OF_STATUS[r.status], hit, reason, r.dropped)
+
+
+def failed_generation(texts: list[str], platform: str, error: str, s: RefineSettings) -> RowOutcome:
+    """A row whose generation failed: the rules refine it, and the error is kept for the summary."""
+    r = refine_rules(texts, platform, s.vocabulary)
+    return RowOutcome(r.texts, _SOURCE_OF_STATUS[r.status], False, "", r.dropped, error or "unknown error")
 
 
 class RowRefiner:
@@ -170,7 +188,9 @@ class RowRefiner:
                 self.cache.put(rules_entry(key, texts, platform, self.s))
             return
         conversations = [
-            build_messages(t, p, self.s.vocabulary, self.s.prompt_version, self.s.prompt_words)
+            build_messages(
+                self.s.split_statements(t)[0], p, self.s.vocabulary, self.s.prompt_version, self.s.prompt_words
+            )
             for _, t, p in rows
         ]
         for (key, texts, platform), answer in zip(rows, self.generate(conversations), strict=True):
@@ -190,6 +210,7 @@ def attach_outcomes(batch, outcomes: list[RowOutcome]):
         "refine_rejection": pa.array([o.rejection for o in outcomes], pa.string()),
         "refine_n_in": pa.array([len(t or []) for t in batch.column("texts").to_pylist()], pa.int64()),
         "refine_n_out": pa.array([len(o.texts) for o in outcomes], pa.int64()),
+        "refine_error": pa.array([o.error for o in outcomes], pa.string()),
         **{
             f"refine_drop_{r}": pa.array([o.dropped.get(r, 0) for o in outcomes], pa.int64())
             for r in DROP_REASONS

@@ -15,6 +15,7 @@ from geoloc_ray.captions.validate import REJECTION_REASONS
 log = logging.getLogger(__name__)
 
 MAX_LISTED_EMPTY = 50  # the summary names at most this many rows left without a visible statement
+MAX_LISTED_ERRORS = 10  # ... and this many rows whose generation failed, with their messages
 
 
 def _refine_dataset(ds, settings: RefineSettings, cfg):
@@ -24,7 +25,8 @@ def _refine_dataset(ds, settings: RefineSettings, cfg):
     if settings.backend == "vllm":
         from geoloc_ray.captions.vllm_backend import check_gpus, refine_with_vllm
 
-        check_gpus(rc.vllm.tensor_parallel_size)
+        if cfg.device != "cpu":  # device cpu: the engine asks for CPU bundles only (vllm_backend.engine_placement)
+            check_gpus(rc.vllm.tensor_parallel_size)
         return refine_with_vllm(ds, settings, rc)
     gpu = {"num_gpus": rc.actor_num_gpus} if rc.actor_num_gpus > 0 else {}
     return ds.map_batches(
@@ -43,6 +45,12 @@ def summarize(stats, settings: RefineSettings, seconds: float = 0.0) -> dict[str
     n = len(stats)
     hits = int(stats["refine_cache_hit"].sum()) if n else 0
     empty = stats[stats["refine_source"] == "empty"]["image_id"].tolist() if n else []
+    # LLM answers this run produced (cache hits were counted when they were generated): each is accepted or
+    # rejected by the validator; a row whose generation failed is an error instead, refined by the rules.
+    llm = n and settings.backend != "rules"
+    fresh = stats[~stats["refine_cache_hit"] & (stats["refine_error"] == "")] if llm else stats.iloc[:0]
+    rejected = int((fresh["refine_rejection"] != "").sum()) if len(fresh) else 0
+    failed = stats[stats["refine_error"] != ""] if n else stats.iloc[:0]
     per_platform = {}
     for platform, g in stats.groupby("platform") if n else []:
         per_platform[platform] = {
@@ -58,6 +66,13 @@ def summarize(stats, settings: RefineSettings, seconds: float = 0.0) -> dict[str
         "statements_in": int(stats["refine_n_in"].sum()) if n else 0,
         "statements_out": int(stats["refine_n_out"].sum()) if n else 0,
         "cache": {"hits": hits, "misses": n - hits},
+        "generated": len(fresh),
+        "accepted": len(fresh) - rejected,
+        "rejected": rejected,
+        "errors": len(failed),
+        "error_rows": [
+            {"image_id": r.image_id, "error": r.refine_error} for r in failed.head(MAX_LISTED_ERRORS).itertuples()
+        ],
         "rejections": {r: int((stats["refine_rejection"] == r).sum()) if n else 0 for r in REJECTION_REASONS},
         "rows_by_source": {
             s: int((stats["refine_source"] == s).sum()) if n else 0
