@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,12 +150,13 @@ def serve_and_query(cluster: FakeCluster, cfg, opts: Options) -> dict[str, Any]:
     t0 = time.monotonic()
     shards = cfg.index.shards
     serving.deploy(cluster, serving.serve_config(template, args, port, shards), opts.out)
-    serving.wait_until_healthy(port, opts.serve_timeout_s)
-    status, body = serving.search(port)
-    return {"status": status, "results": len(body.get("results", [])) if isinstance(body, dict) else 0,
-            "top": (body.get("results") or [{}])[0] if isinstance(body, dict) else None,
-            "gate": body.get("gate") if isinstance(body, dict) else None,
-            "ready_s": round(time.monotonic() - t0, 1)}
+    health = serving.wait_until_healthy(port, opts.serve_timeout_s)
+    ready = time.monotonic() - t0
+    status, body, tries = serving.search(port)
+    body = body if isinstance(body, dict) else {"body": body}
+    return {"status": status, "results": len(body.get("results") or []), "tries": tries,
+            "top": (body.get("results") or [None])[0], "gate": body.get("gate"), "error": body.get("error"),
+            "health": health.get("status"), "ready_s": round(ready, 1)}
 
 
 def problems(report: dict[str, Any], kill: bool) -> list[str]:
@@ -223,9 +225,12 @@ def rehearse(opts: Options) -> dict[str, Any]:
         raise
     finally:
         report["wall_s"] = round(time.monotonic() - t0, 1)
+        report["problems"] = problems(report, opts.kill_stage is not None)
         if cluster is not None:
+            if report["problems"]:  # the session's logs (every node's) go with the report, for the post-mortem
+                shutil.copytree(cluster.temp_dir / "session_latest" / "logs", opts.out / "ray_logs",
+                                dirs_exist_ok=True, ignore_dangling_symlinks=True)
             report["processes_stopped"] = cluster.stop()
         s3.stop()
-        report["problems"] = problems(report, opts.kill_stage is not None)
         (opts.out / "rehearsal.json").write_text(json.dumps(report, indent=2, default=str))
     return report

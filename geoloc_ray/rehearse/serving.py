@@ -55,12 +55,13 @@ def _request(url: str, body: dict | None = None, timeout: float = 60) -> tuple[i
 
 
 def wait_until_healthy(port: int, timeout_s: float) -> dict[str, Any]:
-    """Poll GET /healthz until the app answers 200 (replicas start on nodes the autoscaler brings)."""
+    """Poll GET /healthz until every component answers (`status: ok`; `degraded` is a 200 too): replicas start
+    on nodes the autoscaler brings."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
     while time.monotonic() < deadline:
         try:
             status, body = _request(f"http://127.0.0.1:{port}/healthz", timeout=10)
-            if status == 200:
+            if status == 200 and isinstance(body, dict) and body.get("status") == "ok":
                 return body
             last = f"{status} {body}"
         except (OSError, ValueError) as exc:
@@ -69,8 +70,17 @@ def wait_until_healthy(port: int, timeout_s: float) -> dict[str, Any]:
     raise TimeoutError(f"the Serve app was not healthy after {timeout_s:.0f}s: {last}")
 
 
-def search(port: int, query: str = QUERY, k: int = 10) -> tuple[int, dict[str, Any]]:
-    return _request(f"http://127.0.0.1:{port}/search", {"query": query, "k": k})
+def search(port: int, query: str = QUERY, k: int = 10, tries: int = 5) -> tuple[int, dict[str, Any], int]:
+    """POST /search; a 503 (an expert or shard slower than its timeout on a cold replica) is asked again a few
+    times, as a client would. Returns (status, body, tries used)."""
+    used = 0
+    while used < tries:
+        used += 1
+        status, body = _request(f"http://127.0.0.1:{port}/search", {"query": query, "k": k})
+        if status != 503:
+            break
+        time.sleep(5)
+    return status, body, used
 
 
 def shutdown(cluster: FakeCluster) -> None:
