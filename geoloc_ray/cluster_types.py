@@ -3,8 +3,8 @@
 KubeRay (and autoscaler v2) report the worker groups to the GCS, where `ray._private.state` reads them. The
 cluster launcher's autoscaler (v1: `ray up cluster.yaml`, the fake multi-node provider) reports nothing there,
 so on such a cluster a GPU type at `min_workers: 0` looked like no GPU at all. `publish_node_types` writes the
-same record from an autoscaling config (cluster.yaml's head start command and the rehearsal call it); where no
-record exists but an autoscaler runs, nothing is refused: the autoscaler is the one that knows.
+same record from an autoscaling config (cluster.yaml's head start command and the rehearsal call it), which
+Ray Data's own autoscaling check reads too. Without a record, checks compare with the nodes up now.
 
     python -m geoloc_ray.cluster_types ~/ray_bootstrap_config.yaml     # on the head, after `ray start`
 """
@@ -34,16 +34,6 @@ def node_types() -> dict[str, dict[str, float]] | None:
             if g.max_count != 0}
 
 
-def autoscaler_running() -> bool:
-    """True when an autoscaler publishes its status to the GCS (v1 monitor or v2): nodes may still join."""
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-    if not _internal_kv_initialized():
-        return False
-    return bool(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS))
-
-
 def live_nodes() -> dict[str, dict[str, float]]:
     """Resources of the nodes up now, by node id (a fixed cluster or a local instance: all there will be)."""
     import ray
@@ -51,17 +41,15 @@ def live_nodes() -> dict[str, dict[str, float]]:
     return {n["NodeID"][:12]: {k: float(v) for k, v in n["Resources"].items()} for n in ray.nodes() if n["Alive"]}
 
 
-def offered_nodes() -> tuple[dict[str, dict[str, float]] | None, str]:
+def offered_nodes() -> tuple[dict[str, dict[str, float]], str]:
     """(nodes a request may land on, what they are) for a resource check: the autoscaler's node types when
-    known; None when an autoscaler runs without reporting them (check nothing); else the live nodes."""
+    published, else the live nodes (a fixed cluster, a local instance, or an autoscaler that published none)."""
     types = node_types()
     if types is not None:
         return types, "the autoscaler's node types"
-    if autoscaler_running():
-        log.info("an autoscaler runs but reported no node types: resource requests are not checked here")
-        return None, "the autoscaler's node types (unknown)"
-    return live_nodes(), ("the current nodes (no autoscaler: a fixed cluster or a local instance, so no other "
-                          "node can join)")
+    return live_nodes(), ("the current nodes (no node types are published: a fixed cluster or a local instance; "
+                          "on a cluster launcher's autoscaler publish them with `python -m "
+                          "geoloc_ray.cluster_types ~/ray_bootstrap_config.yaml` as cluster.yaml does)")
 
 
 def cluster_config_proto(config: dict[str, Any]):

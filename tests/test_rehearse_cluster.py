@@ -64,11 +64,11 @@ def fake_cluster() -> Iterator[FakeCluster]:
 PROBE = """
 import json, os, sys, ray
 from geoloc_ray.captions.vllm_backend import check_gpus
-from geoloc_ray.cluster_types import autoscaler_running, node_types, publish_node_types
+from geoloc_ray.cluster_types import node_types, publish_node_types
 import yaml
 
 ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
-out = {"types_before": node_types(), "autoscaler": autoscaler_running()}
+out = {"types_before": node_types()}
 def check(n):
     try:
         check_gpus(n)
@@ -95,8 +95,9 @@ def test_gpu_types_at_zero_workers_are_not_refused_and_start_on_demand(fake_clus
                            env=fake_cluster.env, capture_output=True, text=True, timeout=360)
     assert probe.returncode == 0, probe.stderr[-3000:]
     out = json.loads(next(line[5:] for line in probe.stdout.splitlines() if line.startswith("PROBE")))
-    # Only the CPU-only head was up: the old check compared with it and refused every vLLM engine.
-    assert out["autoscaler"] and out["types_before"] is None and out["tp1_unpublished"] == "ok"
+    # The launcher's autoscaler publishes no node types: compared with the CPU-only head, refused, and the
+    # message says how to publish them (what cluster.yaml's head start command does).
+    assert out["types_before"] is None and "geoloc_ray.cluster_types" in out["tp1_unpublished"]
     assert out["types_after"]["gpu_train"]["GPU"] == 1 and out["types_after"]["gpu_llm"]["GPU"] == 1
     assert out["tp1"] == "ok"  # declared GPU types, none started
     assert "at most 1" in out["tp2"] and "node types" in out["tp2"]

@@ -53,7 +53,7 @@ def check_gpus(tensor_parallel_size: int) -> None:
     from geoloc_ray.cluster_types import offered_nodes
 
     offer, where = offered_nodes()
-    error = gpu_request_error(tensor_parallel_size, offer, where) if offer is not None else None
+    error = gpu_request_error(tensor_parallel_size, offer, where)
     if error:
         raise RuntimeError(error)
 
