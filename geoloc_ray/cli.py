@@ -30,6 +30,7 @@ HELP = {
     "demo": "synthesize a world, run the whole pipeline on it and print the ablation table",
     "ladder": "train and evaluate the ladder over several seeds; means, intervals and paired rung differences",
     "rehearse": "the production profile end to end on this machine: autoscaling cluster, S3, vLLM, a lost node",
+    "plan": "per fit of the recipe: parameters, peak GPU memory per worker, step FLOPs, object-store bytes per row",
 }
 
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_seed_list, default=None, help="e.g. 0,1,2 (default: ladder.seeds)")
     p.add_argument("--aggregate-only", action="store_true",
                    help="train nothing: aggregate the seed runs already under the ladder folder as they are")
+    p = sub.add_parser("plan", help=HELP["plan"])
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (exit 1 when a fit does not fit)")
     p = sub.add_parser("rehearse", help=HELP["rehearse"])
     p.add_argument("--world", default=None, help="a GeoText-layout folder (default: a small synthetic world)")
     p.add_argument("--out", default="build/rehearsal/out", help="where rehearsal.json and job.log go")
@@ -146,12 +150,24 @@ def _rehearse(cfg: Config | None, args: argparse.Namespace) -> Any:
     return report
 
 
+def _plan(cfg: Config, args: argparse.Namespace) -> Any:
+    """Print the plan; a fit that does not fit is an error (exit 1) naming the fit and the key to change."""
+    from geoloc_ray.train.plan import misfits, plan, table
+
+    result = plan(cfg)
+    print(json.dumps(result, indent=2) if args.json else table(result), flush=True)
+    problems = misfits(result)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return None
+
+
 class RehearsalFailed(RuntimeError):
     """The rehearsal ran but did not show what it must (job, nodes, refine, restarts, search)."""
 
 
 COMMANDS = {"synth": _synth, "pipeline": _pipeline, "serve": _serve, "submit": _submit, "demo": _demo,
-            "ladder": _ladder}
+            "ladder": _ladder, "plan": _plan}
 
 
 def run(cfg: Config, args: argparse.Namespace) -> Any:

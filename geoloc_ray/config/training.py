@@ -46,6 +46,10 @@ class TrainConfig(_Model):
     # hold fails at once, naming this key.
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool = False  # one GPU per worker
+    # Memory of one GPU of the node type train workers land on (GiB): `geoloc-ray plan` and the start of `train`
+    # check every fit's measured peak against it less 10% headroom. A run-config key, not a field of the node type:
+    # Ray's cluster schema allows no extra keys on a node type, and the plan runs before any cluster exists.
+    gpu_memory_gib: float | None = Field(None, gt=0)  # None: nothing to check against
     # A fixed instance only (a local `ray.init()` or `ray start` nodes, no autoscaler): lower cpus_per_worker so
     # the fits that run at once fit on the CPUs that exist (the demo). Ignored on an autoscaling cluster.
     fit_cpus_to_instance: bool = True

@@ -62,6 +62,11 @@ def scheduled(job: JobSpec, rows: int, batch_size: int, min_steps: int, workers:
     return dataclasses.replace(job, steps_per_epoch=steps, epochs=max(job.epochs, -(-min_steps // steps)))
 
 
+def stage2_job(cfg: Config) -> dict[str, Any]:
+    """Stage 2's own job fields: its batch size and GradCache chunk (`train.stage2`)."""
+    return {"batch_size": cfg.train.stage2.batch_size, "grad_cache_chunk": cfg.train.stage2.grad_cache_chunk}
+
+
 def is_done(uri: str, train_hash: str) -> bool:
     manifest = io.join(uri, "manifest.json")
     return io.exists(manifest) and io.read_json(manifest).get("extra", {}).get("train_hash") == train_hash
@@ -120,11 +125,13 @@ def run_train(cfg: Config) -> dict[str, Any]:
     """All training rounds; returns per-job metrics and where the models are."""
     from geoloc_ray.model import assemble_moe
     from geoloc_ray.runtime import connect
+    from geoloc_ray.train.plan import check_plan
 
+    image_size(cfg)  # fail before any training
+    check_plan(cfg)  # every fit fits its GPU, or a ValueError naming the fit and the key (train.use_gpu only)
     connect(cfg)
     prepared = artifacts.require(artifacts.prepared(cfg, "train"), "prepare")
     refined = artifacts.require(artifacts.refined_train(cfg), "refine")
-    image_size(cfg)  # fail before any training
     h = config_hash(cfg, TRAIN_SECTIONS)
     t, platforms = cfg.train, list(cfg.model.platforms)
     locations = io.read_parquet(prepared, columns=["location_id"])["location_id"]
@@ -152,8 +159,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
         experts = {p: artifacts.expert_dir(cfg, p, 2) for p in platforms}
         metrics |= fit_round(cfg, h, [
             stage_fit(cfg, f"{p}-stage2", "triplets", t.stage2, Source(artifacts.mined(cfg, p)), experts[p],
-                      head=p, init=stage1[p], batch_size=t.stage2.batch_size,
-                      grad_cache_chunk=t.stage2.grad_cache_chunk)
+                      head=p, init=stage1[p], **stage2_job(cfg))
             for p in platforms
         ])
 

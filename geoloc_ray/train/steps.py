@@ -228,25 +228,32 @@ def triplets_step(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
     """Stage 2's forward and backward. With `job.grad_cache_chunk` images pass the trainable layers that many at a
     time (GradCache, `grad_cache`): the positives and hard negatives of a production batch (640 images through 4
     EVA-L blocks) do not fit one GPU's activations at once; the gradients are the one-shot step's."""
-    import torch
-
-    from geoloc_ray.train.grad_cache import ChunkedEncoder, chunks
-
-    size = ctx.job.grad_cache_chunk
-    if not size:
+    if not ctx.job.grad_cache_chunk:
         return loss_step(ctx, batch, triplets_loss)
     images, platforms = _triplet_images(batch)
     host = ctx.preprocess(images, augment=ctx.augment, augment_mask=platforms == "satellite")  # to the device by chunk
     with enc.autocast(ctx):
         t = enc.query_text(ctx, [str(q) for q in batch["query"]]).float()  # its graph waits for the last chunk
+    loss, t_cached, v_cached = cached_triplets(ctx, batch, t, host)
+    return loss, _accuracy(t_cached, v_cached)
+
+
+def cached_triplets(ctx: StepContext, batch: dict[str, np.ndarray], t: torch.Tensor, host: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GradCache part of `triplets_step` (the planner measures it as is): from the query embeddings `t` with
+    their graph and every image's model input on the host, through the backward; (loss, text and image
+    embeddings), detached."""
+    import torch
+
+    from geoloc_ray.train.grad_cache import ChunkedEncoder, chunks
 
     constant, trainable = enc.image_stages(ctx)
-    images_enc = ChunkedEncoder(lambda rows: constant(host[rows]), trainable, chunks(len(host), size))
-    t_cached, v_cached = t.detach().requires_grad_(), images_enc.embeddings().requires_grad_()
+    images = ChunkedEncoder(lambda rows: constant(host[rows]), trainable, chunks(len(host), ctx.job.grad_cache_chunk))
+    t_cached, v_cached = t.detach().requires_grad_(), images.embeddings().requires_grad_()
     loss = _triplets_contrastive(ctx, batch, t_cached, v_cached)
     grad_t, grad_v = torch.autograd.grad(loss, [t_cached, v_cached])
-    images_enc.backward(grad_v, last=lambda: (t * grad_t).sum(), ddp=ctx.parallel)
-    return loss.detach(), _accuracy(t_cached.detach(), v_cached.detach())
+    images.backward(grad_v, last=lambda: (t * grad_t).sum(), ddp=ctx.parallel)
+    return loss.detach(), t_cached.detach(), v_cached.detach()
 
 
 def loss_step(ctx: StepContext, batch: dict[str, np.ndarray], loss_of: Callable[..., Loss]) -> Loss:
