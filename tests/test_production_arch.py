@@ -127,3 +127,21 @@ def test_production_code_paths_end_to_end(tiny_bge_m3, tmp_path):
     with torch.no_grad():
         assert_close_scaled(loaded.fused_query(TEXTS), query)
     assert os.path.getsize(tmp_path / "ckpt" / "model.safetensors") > 0
+
+
+def test_expert_head_alone_from_an_eva02_checkpoint(tiny_bge_m3, tmp_path):
+    """Serve's ExpertHead loads its head alone, built on the meta device: EVA02 attention's non-persistent k_bias
+    must come from the checkpoint (found by the rehearsal: every expert replica failed to start)."""
+    from geoloc_ray.model import build_model, load_head, save_model
+    from geoloc_ray.model.checkpoint import non_persistent_buffers
+
+    model = build_model(tiny_cfg(tiny_bge_m3), heads=["drone"], gate=False, seed=0).eval()
+    assert any(k.endswith("k_bias") for k in non_persistent_buffers(model.heads["drone"]))
+    save_model(model, str(tmp_path / "ckpt"))
+    head = load_head(str(tmp_path / "ckpt"), "drone")
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        trunk = model.image_trunk_output(x)
+        torch.testing.assert_close(head.image(trunk), model.heads["drone"].image(trunk), rtol=1e-5, atol=1e-6)
+        texts = model.text_trunk_output(TEXTS)
+        torch.testing.assert_close(head.text(texts), model.heads["drone"].text(texts), rtol=1e-5, atol=1e-6)

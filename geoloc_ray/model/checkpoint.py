@@ -55,11 +55,25 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def non_persistent_buffers(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Buffers a state_dict leaves out (`persistent=False`, e.g. EVA attention's fixed zero `k_bias`)."""
+    out = {}
+    for path, mod in module.named_modules():
+        for name in getattr(mod, "_non_persistent_buffers_set", ()):
+            if mod._buffers.get(name) is not None:
+                out[f"{prefix}{path}.{name}" if path else f"{prefix}{name}"] = mod._buffers[name]
+    return out
+
+
 def _split_state(model: GeoLocModel, reference_text_trunk: bool) -> tuple[dict, dict]:
     stored, trunk = {}, {}
     for name, t in model.state_dict().items():
         target = trunk if (reference_text_trunk and name.startswith(_TEXT_TRUNK)) else stored
         target[name] = t.detach().to("cpu").contiguous()
+    # The heads' non-persistent buffers too: `load_head` builds a head on the meta device, where they would stay
+    # uninitialised (load_model ignores them: its full build computes them).
+    for name, t in non_persistent_buffers(model.heads, "heads.").items():
+        stored[name] = t.detach().to("cpu").contiguous()
     return stored, trunk
 
 
@@ -161,7 +175,9 @@ def load_model(uri: str, device: str | torch.device = "cpu", heads: Sequence[str
     state = _drop_other_heads(_read_weights(uri, manifest), names)
     cfg = ModelConfig.model_validate(manifest["model_config"])
     model = build_model(cfg, heads=names, gate=manifest["gate"], image_pretrained=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    computed = non_persistent_buffers(model.heads, "heads.")  # built here; stored only for load_head
+    missing, unexpected = model.load_state_dict({k: v for k, v in state.items() if k not in computed},
+                                                strict=False)
     referenced = manifest["text_trunk"]["sha256"] is not None
     missing = [k for k in missing if not (referenced and k.startswith(_TEXT_TRUNK))]
     if missing or unexpected:
@@ -188,10 +204,14 @@ def load_head(uri: str, name: str, device: str | torch.device = "cpu") -> Expert
     own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     arch = build_model(ModelConfig.model_validate(manifest["model_config"]), heads=[name], device="meta")
     head = arch.heads[name].to_empty(device=device)
+    buffers = non_persistent_buffers(head)
+    unfilled = [n for n in buffers if n not in own]
+    if unfilled:  # a checkpoint written before these buffers were stored: they would stay uninitialised
+        raise RuntimeError(f"load_head: buffers {unfilled[:3]} are not stored (an older checkpoint); use load_model")
+    for path in buffers:
+        module_path, _, buffer = path.rpartition(".")
+        head.get_submodule(module_path)._buffers[buffer] = own.pop(path).to(device)
     head.load_state_dict(own, strict=True)
-    unfilled = [n for n, _ in head.named_buffers() if n not in own]
-    if unfilled:  # non-persistent buffers are not in the file and would stay uninitialised
-        raise RuntimeError(f"load_head: buffers {unfilled[:3]} are not stored; use load_model")
     return head.requires_grad_(False).eval()
 
 
