@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -181,6 +182,10 @@ def problems(report: dict[str, Any], kill: bool) -> list[str]:
     return out
 
 
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(f"rehearse: stopped by signal {signum}")
+
+
 def rehearse(opts: Options) -> dict[str, Any]:
     """Run the rehearsal; returns the report written to `<out>/rehearsal.json` (with a `problems` list)."""
     from geoloc_ray.config import load_config
@@ -188,6 +193,7 @@ def rehearse(opts: Options) -> dict[str, Any]:
 
     check_checkout(opts)
     opts.out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _exit_on_term)  # `timeout`, a CI runner: stop the cluster on the way out
     t0 = time.monotonic()
     world, models = make_world(opts), make_models(opts)
     s3 = start_s3(BUCKET)
