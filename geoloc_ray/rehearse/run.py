@@ -164,6 +164,8 @@ def problems(report: dict[str, Any], kill: bool) -> list[str]:
     """What a rehearsal must show before anyone rents a GPU (issue 20's criteria); empty when all hold."""
     if report.get("error"):
         return [f"the rehearsal stopped: {report['error']}"]
+    if "job" not in report:
+        return ["the rehearsal stopped before the job ended"]
     out = []
     if report["job"]["status"] != "SUCCEEDED":
         out.append(f"job ended {report['job']['status']}")
