@@ -29,7 +29,7 @@ class PlannedFit:
     job: JobSpec
     rows: int  # per worker and step
     stage: str  # the config section sizing it (train.<stage>)
-    keys: str  # what to change when it does not fit
+    change: str  # which keys to change, and how, when it does not fit
 
 
 def _fit(cfg: Config, name: str, kind: str, stage: str, **job: Any) -> PlannedFit:
@@ -37,10 +37,11 @@ def _fit(cfg: Config, name: str, kind: str, stage: str, **job: Any) -> PlannedFi
 
     section: StageConfig = getattr(cfg.train, stage)
     spec = stage_fit(cfg, name, kind, section, Source(""), "", **job).job
-    keys = "train.batch_size"
+    change = "lower train.batch_size"
     if stage == "stage2":
-        keys = "train.stage2.batch_size or train.stage2.grad_cache_chunk"
-    return PlannedFit(spec, spec.batch_size or cfg.train.batch_size, stage, keys)
+        change = ("set a smaller train.stage2.grad_cache_chunk (0 = the whole batch at once) or lower "
+                  "train.stage2.batch_size")
+    return PlannedFit(spec, spec.batch_size or cfg.train.batch_size, stage, change)
 
 
 def recipe_fits(cfg: Config) -> list[PlannedFit]:
@@ -94,7 +95,7 @@ def plan_fits(cfg: Config) -> dict[str, dict[str, Any]]:
             "trainable_params": m.trainable_params, "peak_gib": round(peak, 3), "ddp_buckets_gib": round(ddp / GIB, 3),
             "at_peak_gib": {k: round(v / GIB, 3) for k, v in m.at_peak.items() if v},
             "step_tflops": round(m.flops / 1e12, 3), "gpu_gib": gpu,
-            "fits": gpu is None or peak <= (1 - HEADROOM) * gpu, "keys": fit.keys,
+            "fits": gpu is None or peak <= (1 - HEADROOM) * gpu, "change": fit.change,
             "measured_as": first[key],
         }
     return out
@@ -161,7 +162,7 @@ def misfits(result: dict[str, Any]) -> list[str]:
     for name, f in result["fits"].items():
         if not f["fits"]:
             out.append(f"fit {name!r} needs {f['peak_gib']:.1f} GiB per worker, over {1 - result['headroom']:.0%} of "
-                       f"train.gpu_memory_gib ({f['gpu_gib']:g} GiB): lower {f['keys']}")
+                       f"train.gpu_memory_gib ({f['gpu_gib']:g} GiB): {f['change']}")
     return out
 
 
