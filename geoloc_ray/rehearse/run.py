@@ -235,10 +235,14 @@ def rehearse(opts: Options) -> dict[str, Any]:
         report["wall_s"] = round(time.monotonic() - t0, 1)
         report["problems"] = problems(report, opts.kill_stage is not None)
         if cluster is not None:
-            if report["problems"]:  # the session's logs (every node's) go with the report, for the post-mortem
-                shutil.copytree(cluster.temp_dir / "session_latest" / "logs", opts.out / "ray_logs",
-                                dirs_exist_ok=True, ignore_dangling_symlinks=True)
-            report["processes_stopped"] = cluster.stop()
+            try:
+                if report["problems"]:  # the session's logs (every node's) go with the report, for the post-mortem
+                    shutil.copytree(cluster.temp_dir / "session_latest" / "logs", opts.out / "ray_logs",
+                                    dirs_exist_ok=True, ignore_dangling_symlinks=True)
+            except (OSError, shutil.Error) as exc:  # logs still being written: the report matters more
+                report["logs_copy_error"] = str(exc)[:500]
+            finally:
+                report["processes_stopped"] = cluster.stop()
         s3.stop()
         (opts.out / "rehearsal.json").write_text(json.dumps(report, indent=2, default=str))
     return report
