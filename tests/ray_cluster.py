@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,29 +20,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geoloc_ray.rehearse.cluster import free_ports, ray_env
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: `ray`, and the `python` the job's entrypoint finds
 JOB_TIMEOUT_S = int(os.environ.get("GEOLOC_JOB_TIMEOUT_S", "1500"))  # a loaded 2-core machine is slow
-
-
-def _ray_env() -> dict[str, str]:
-    """The same auth mode for `ray start` and `ray job submit` (else AuthenticationError); venv first on PATH."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    return env
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports (all sockets held open together, so none is handed out twice)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass
@@ -69,7 +50,7 @@ class LocalCluster:
     def add_node(self, num_cpus: int = 1) -> None:
         """A second raylet (a worker node) joining this head, with its own ports and temp dir."""
         temp = Path(tempfile.mkdtemp(prefix="rN", dir="/tmp"))
-        nm, om, metrics, env_agent, agent_http, agent_grpc = _free_ports(6)
+        nm, om, metrics, env_agent, agent_http, agent_grpc = free_ports(6)
         started = self.ray(
             "start", f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}", f"--temp-dir={temp}",
             f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--metrics-export-port={metrics}",
@@ -133,11 +114,11 @@ def stop_local_cluster(temp_dir: Path, gcs_port: int) -> int:
 def start_head(num_cpus: int) -> LocalCluster:
     """`ray start --head` with the dashboard (the job API lives there), ports and temp dir of its own."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rE", dir="/tmp"))  # short: Ray's socket paths must stay < 108
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent = _free_ports(7)
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, env_agent = free_ports(7)
     # RAY_ADDRESS reaches every worker of this cluster: Ray Train's placement-group cleaner looks the cluster up
     # through the state API, which otherwise scans for GCS processes and fails when this machine runs other Ray
     # instances (then finished fits keep their placement groups and starve later stages of CPUs).
-    cluster = LocalCluster(temp_dir, gcs, dashboard, {**_ray_env(), "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
+    cluster = LocalCluster(temp_dir, gcs, dashboard, {**ray_env(BIN), "RAY_ADDRESS": f"127.0.0.1:{gcs}"})
     started = cluster.ray(
         "start", "--head", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", f"--port={gcs}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
