@@ -105,3 +105,33 @@ def test_gpu_types_at_zero_workers_are_not_refused_and_start_on_demand(fake_clus
     assert node_type_name in ("gpu_train", "gpu_llm") and gpu_ids == [0]
     joined = {n["node_id"]: node_type(n) for n in fake_cluster.nodes()}
     assert joined[node_id] == node_type_name  # the node's label names its type
+
+
+class _StallingDashboard:
+    """A cluster whose dashboard misses some deadlines, as a loaded head's does."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers = answers
+
+    def get(self, route: str):
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer if "/logs" not in route else {"logs": "line\n"}
+
+
+def test_watch_rides_out_a_stalled_dashboard() -> None:
+    from geoloc_ray.rehearse.job import watch
+
+    cluster = _StallingDashboard([TimeoutError("timed out"), {"status": "RUNNING"}, TimeoutError("timed out"),
+                                  {"status": "SUCCEEDED"}])
+    status, fault, _ = watch(cluster, "job", None, timeout_s=30, poll_s=0.01)  # type: ignore[arg-type]
+    assert (status, fault) == ("SUCCEEDED", None)
+
+
+def test_watch_gives_up_on_a_dashboard_that_never_answers() -> None:
+    from geoloc_ray.rehearse.job import watch
+
+    cluster = _StallingDashboard([TimeoutError("timed out")])
+    with pytest.raises(RuntimeError, match="did not answer"):
+        watch(cluster, "job", None, timeout_s=30, poll_s=0.01, patience_s=0.05)  # type: ignore[arg-type]

@@ -127,9 +127,17 @@ class FakeCluster:
         return subprocess.run([str(self.bin_dir / "python"), *args], cwd=self.cwd, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
-    def get(self, route: str, timeout: float = 30) -> Any:
-        with urllib.request.urlopen(self.address + route, timeout=timeout) as response:
-            return json.loads(response.read())
+    def get(self, route: str, timeout: float = 60, tries: int = 3) -> Any:
+        """A dashboard route's JSON; retried, as a loaded head's dashboard may miss a deadline now and then."""
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(self.address + route, timeout=timeout) as response:
+                    return json.loads(response.read())
+            except OSError:
+                if attempt == tries - 1:
+                    raise
+                time.sleep(2 ** attempt)
+        raise AssertionError("unreachable")
 
     def nodes(self) -> list[dict[str, Any]]:
         """Every node that joined, dead or alive (the GCS's node table, through the state API)."""

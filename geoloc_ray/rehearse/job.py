@@ -107,29 +107,39 @@ def lose_a_node(cluster: FakeCluster, run: dict, attempt: dict, t0: float) -> Fa
     if types.get(node_id, FAKE_HEAD_TYPE) == FAKE_HEAD_TYPE:
         raise RuntimeError(f"train run {run['name']} has a worker on the head node: nothing to kill safely")
     killed = cluster.kill_node(node_id)
-    log.warning("rehearsal: killed node %s (%s, %d processes) under %s in its last epoch", node_id[-5:],
+    log.warning("rehearsal: killed node %s (%s, %d processes) under %s while it trains", node_id[-5:],
                 types[node_id], killed, run["name"])
     return Fault(run["name"], node_id, types[node_id], killed, round(time.monotonic() - t0, 1))
 
 
-def watch(cluster: FakeCluster, job_id: str, kill_stage: str | None, timeout_s: float, poll_s: float = 2.0) -> tuple[str, Fault | None, float]:
+def watch(cluster: FakeCluster, job_id: str, kill_stage: str | None, timeout_s: float, poll_s: float = 2.0,
+          log_every_s: float = 10.0, patience_s: float = 600.0) -> tuple[str, Fault | None, float]:
     """Poll the job to its end, killing a node once under `kill_stage` (None: no fault). Returns (status, fault,
-    wall seconds)."""
+    wall seconds). A poll the dashboard does not answer in time is no verdict on the job: on two loaded cores the
+    head's dashboard can stall for a minute, so polls are retried until `patience_s` of failures in a row."""
     t0 = time.monotonic()
     fault: Fault | None = None
-    shown, seen = 0, {}
+    shown, seen, text, last_log, failing_since = 0, {}, "", -log_every_s, None
     while time.monotonic() - t0 < timeout_s:
-        status = job_status(cluster, job_id)
-        text = job_log_text(cluster, job_id)  # streamed as `ray job submit` without --no-wait would
-        sys.stdout.write(text[shown:])
-        sys.stdout.flush()
-        shown = len(text)
-        if status in TERMINAL:
-            return status, fault, time.monotonic() - t0
-        if kill_stage and fault is None:
-            target = stage1_target(cluster, text, kill_stage, seen)
-            if target:
-                fault = lose_a_node(cluster, *target, t0)
+        try:
+            status = job_status(cluster, job_id)
+            if status in TERMINAL or time.monotonic() - last_log >= log_every_s:
+                text, last_log = job_log_text(cluster, job_id), time.monotonic()
+                sys.stdout.write(text[shown:])  # streamed as `ray job submit` without --no-wait would
+                sys.stdout.flush()
+                shown = len(text)
+            if status in TERMINAL:
+                return status, fault, time.monotonic() - t0
+            if kill_stage and fault is None:
+                target = stage1_target(cluster, text, kill_stage, seen)
+                if target:
+                    fault = lose_a_node(cluster, *target, t0)
+            failing_since = None
+        except OSError as e:  # URLError, socket timeouts, refused connections
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > patience_s:
+                raise RuntimeError(f"the dashboard did not answer for {patience_s:.0f} s: {e}") from e
+            log.warning("rehearsal: the dashboard did not answer (%s); polling again", e)
         time.sleep(poll_s)
     cluster.ray("job", "stop", "--address", cluster.address, job_id)
     return "TIMEOUT", fault, time.monotonic() - t0
