@@ -262,7 +262,9 @@ def test_distributed_eval_reports_what_the_in_process_reference_does(eval_world,
             assert results["curves"][v.name] == pytest.approx(ref["curve"], abs=1e-9)
             assert (per_query[f"{v.name}:hit@10"].to_numpy() == (ref["ranks"] < 10)).all()
             for (kind, severity), block in ref["corruptions"].items():
-                assert results["corruptions"][kind][str(severity)][v.name] == pytest.approx(block, abs=1e-9)
+                for level in ("location", "image"):
+                    got_block = results["corruptions"][kind][str(severity)][v.name][level]
+                    assert got_block == pytest.approx(block[level], abs=1e-9), (v.name, kind, level)
             if ref["gate"] is not None and not v.places:
                 assert results["gate"]["by_variant"][v.name]["accuracy"] == pytest.approx(ref["gate"]["accuracy"])
     assert set(results["variants"]) == {v.name for v in chosen}
