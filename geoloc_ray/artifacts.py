@@ -136,6 +136,21 @@ def metrics(run: Config | str) -> str:
     return io.join(eval_dir(run), "metrics.json")
 
 
+def eval_work(run: Config | str) -> str:
+    """Eval's working folder: the vectors its search tasks stream (removed once the metrics are written)."""
+    return io.join(eval_dir(run), "work")
+
+
+def eval_gallery_embeddings(run: Config | str) -> str:
+    """The test gallery under every evaluated model, clean and corrupted: one vector column per model and view."""
+    return io.join(eval_work(run), "gallery")
+
+
+def eval_query_embeddings(run: Config | str) -> str:
+    """Every test query under every evaluated model's text heads (and gates): a parquet folder."""
+    return io.join(eval_work(run), "queries")
+
+
 def per_query(run: Config | str) -> str:
     """Per-query location-level hits of every variant (what the multi-seed ladder resamples)."""
     return io.join(eval_dir(run), "per_query.parquet")

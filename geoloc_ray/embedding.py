@@ -21,6 +21,7 @@ import numpy as np
 from geoloc_ray import io
 from geoloc_ray.config import IndexConfig
 from geoloc_ray.devices import resolve_device
+from geoloc_ray.model.shared_trunk import share_image_trunks, trunk_module
 from geoloc_ray.preprocess.images import decode_pixels
 
 PixelView = Callable[[np.ndarray], np.ndarray]  # uint8 (N, H, W, 3) -> same shape, e.g. a corrupted copy
@@ -60,17 +61,26 @@ def compile_image_path(model, heads: Sequence[str]) -> None:
         model.heads[h].image = torch.compile(model.heads[h].image)
 
 
-def image_vectors(model, pixels: np.ndarray, heads: Sequence[str], bf16: bool = False) -> np.ndarray:
-    """concat_k v_k(I) for the given heads, float32 (N, K * D): one trunk pass for all heads."""
+def image_vectors(model, pixels: np.ndarray, heads: Sequence[str], bf16: bool = False,
+                  trunks: dict | None = None) -> np.ndarray:
+    """concat_k v_k(I) for the given heads, float32 (N, K * D): one trunk pass for all heads.
+
+    `trunks` (one dict per pixel batch) keeps each trunk's output for the next model sharing that trunk
+    (`geoloc_ray.model.shared_trunk`): several models' heads over one trunk pass."""
     import torch
 
     if not len(pixels):
         return np.zeros((0, len(heads) * model.model_cfg.embed_dim), np.float32)
     device = model.device
+    key = id(trunk_module(model.image_trunk))
     with torch.no_grad(), autocast(device.type, bf16):
-        x = model_pixels(model, pixels)
-        x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
-        trunk = model.image_trunk_output(x)
+        trunk = None if trunks is None else trunks.get(key)
+        if trunk is None:
+            x = model_pixels(model, pixels)
+            x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
+            trunk = model.image_trunk_output(x)
+            if trunks is not None:
+                trunks[key] = trunk
         return torch.cat([model.image_head(h, trunk) for h in heads], dim=1).float().cpu().numpy()
 
 
@@ -166,6 +176,7 @@ class ImageEmbedder(_Embedder):
 
         super().__init__(storage, torch_threads, bf16, device)
         self.models = {col: (self._load(uri), list(heads)) for col, (uri, heads) in models.items()}
+        share_image_trunks([model for model, _ in self.models.values()])  # one trunk pass for models sharing it
         if compile and self.device == "cuda":
             for model, heads in self.models.values():
                 compile_image_path(model, heads)
@@ -196,9 +207,11 @@ class ImageEmbedder(_Embedder):
         pixels, out = self._decoded(batch)
         # A batch whose images all failed to decode still yields (empty) columns; views need not handle it.
         views = {None: pixels} | {name: view(pixels) if len(pixels) else pixels for name, view in self.views.items()}
-        for column, (model, heads) in self.models.items():
-            for name, px in views.items():
-                out[column if name is None else view_column(column, name)] = image_vectors(model, px, heads, self.bf16)
+        for name, px in views.items():
+            trunks: dict = {}  # this view's trunk outputs, reused by every model sharing the trunk
+            for column, (model, heads) in self.models.items():
+                out[column if name is None else view_column(column, name)] = image_vectors(model, px, heads, self.bf16,
+                                                                                         trunks)
         return out
 
 

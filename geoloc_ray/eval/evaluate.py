@@ -1,8 +1,12 @@
 """The eval stage: the ablation ladder (unified, aligned, static_ensemble, moe) on the mixed test gallery, and
 routing diagnostics (moe's experts under the oracle and the platform-label gate, each expert alone).
 
-Gallery embeddings come from Ray Data (one pass for every model and corruption); queries are encoded in the
-driver; ranking is exact inner-product search, so the numbers measure the models, not an ANN index.
+Off the driver (`eval/distributed.py`): Ray Data embeds the gallery (one frozen-trunk pass per image and view for
+every model) and the queries (one text-trunk pass for every model) on actor pools and writes the vectors to
+storage; Ray tasks search them exactly, file by file, and return each query's hit ranks. The driver holds the
+query table and those ranks, never a gallery. The in-process functions here (`score_variant`, `encode_queries`)
+are the reference the distributed path is tested against; ranking is exact inner-product search, so the numbers
+measure the models, not an ANN index.
 """
 
 from __future__ import annotations
@@ -18,12 +22,11 @@ from geoloc_ray.config import Config
 from geoloc_ray.embedding import QueryVectors, embed_images, head_query_vectors, view_column
 from geoloc_ray.eval.corruptions import corrupt
 from geoloc_ray.eval.metrics import (
-    chance_recall,
-    first_per_group,
-    location_ranks,
+    chance_recall_from_counts,
+    first_hit_rank,
     per_query_table,
-    recall_curve,
-    retrieval_metrics,
+    rank_curve,
+    rank_metrics,
 )
 from geoloc_ray.eval.routing import (
     ORACLE,
@@ -33,6 +36,7 @@ from geoloc_ray.eval.routing import (
     oracle_weights,
     routed_query,
 )
+from geoloc_ray.eval.search import places_search
 from geoloc_ray.index.faiss_index import exact_search
 from geoloc_ray.index.store import check_experts_for_model
 
@@ -79,20 +83,32 @@ def load_queries(cfg: Config):
     return pd.DataFrame(rows)
 
 
-def _recall(ranked: np.ndarray, gallery, queries, ks: list[int]) -> dict[str, Any]:
-    return retrieval_metrics(ranked, gallery["image_id"].to_numpy(), gallery["location_id"].to_numpy(),
-                             queries["image_id"].to_numpy(), queries["location_id"].to_numpy(), ks)
-
-
-def _metrics_block(ranked: np.ndarray, gallery, queries, ks: list[int]) -> dict[str, Any]:
-    """Image- and location-level recall over all queries, and per query platform."""
-    block = _recall(ranked, gallery, queries, ks)
+def _metrics_block(loc: np.ndarray, img: np.ndarray, queries, ks: list[int]) -> dict[str, Any]:
+    """Image- and location-level recall over all queries, and per query platform, from first-hit ranks."""
+    block: dict[str, Any] = rank_metrics(loc, img, ks)
     block["per_platform"] = {}
     for platform in sorted(queries["platform"].unique()):
         sel = (queries["platform"] == platform).to_numpy()
-        block["per_platform"][platform] = _recall(ranked[sel], gallery, queries[sel], ks)
+        block["per_platform"][platform] = rank_metrics(loc[sel], img[sel], ks)
         block["per_platform"][platform]["queries"] = int(sel.sum())
     return block
+
+
+def variant_result(v: Variant, queries, ks: list[int], ranks: dict[str | None, tuple[np.ndarray, np.ndarray]],
+                   weights: np.ndarray | None, corruptions: list[tuple[str, int]]) -> dict[str, Any]:
+    """A variant's metrics block, recall curve, per-query location ranks, gate summary and corrupted-gallery
+    blocks, from its hit ranks per gallery view (None = clean): what both eval paths report."""
+    loc, img = ranks[None]
+    out: dict[str, Any] = {
+        "metrics": _metrics_block(loc, img, queries, ks),
+        "curve": rank_curve(loc, max([*ks, 10])),
+        "ranks": loc,
+        "gate": None if weights is None else gate_summary(weights, queries, list(v.heads)),
+        "corruptions": {},
+    }
+    for kind, severity in corruptions:
+        out["corruptions"][(kind, severity)] = rank_metrics(*ranks[corruption_view(kind, severity)], ks)
+    return out
 
 
 def gallery_heads(chosen: list[Variant]) -> dict[str, list[str]]:
@@ -116,51 +132,34 @@ def embed_gallery(cfg: Config, models: dict[str, tuple[str, list[str]]], corrupt
     return embed_images(ds, models, cfg.index, views, device=cfg.device)
 
 
-def places_search(queries: np.ndarray, vectors: np.ndarray, locations: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k distinct locations per query (each its best image's row id; -1 when the gallery has fewer):
-    the search goes deeper for the queries whose top images are too few places, never truncating a top-k."""
-    n = len(vectors)
-    out = np.full((len(queries), k), -1, dtype=np.int64)
-    todo, depth = np.arange(len(queries)), min(n, 8 * k)
-    while len(todo):
-        picked = first_per_group(exact_search(queries[todo], vectors, depth)[1], locations, k)
-        out[todo] = picked
-        if depth >= n:
-            break
-        todo, depth = todo[(picked < 0).any(axis=1)], min(n, 4 * depth)
-    return out
-
-
 def _rank(v: Variant, qvecs: np.ndarray, vectors: np.ndarray, gallery, max_k: int) -> np.ndarray:
     if v.places:
         return places_search(qvecs, vectors, gallery["location_id"].to_numpy(), max_k)
     return exact_search(qvecs, vectors, max_k)[1]
 
 
+def _hit_ranks(ranked: np.ndarray, gallery, queries) -> tuple[np.ndarray, np.ndarray]:
+    safe, valid = np.clip(ranked, 0, None), ranked >= 0
+    hits = [(gallery[c].to_numpy()[safe] == queries[c].to_numpy()[:, None]) & valid
+            for c in ("location_id", "image_id")]
+    return first_hit_rank(ranked, hits[0]), first_hit_rank(ranked, hits[1])
+
+
 def score_variant(v: Variant, model, queries, gallery, model_heads: list[str], ks: list[int],
                   corruptions: list[tuple[str, int]], qv: Any = None) -> dict[str, Any]:
-    """One variant's metrics block, recall curve, per-query location ranks, gate summary (routed variants) and
-    corrupted-gallery blocks.
-
-    `qv`: the variant's query vectors when already encoded (moe_places reuses moe's)."""
+    """One variant scored in this process over a collected gallery frame (`embed_gallery`): the reference the
+    distributed eval is tested against. `qv`: the variant's query vectors when already encoded."""
     max_k = max([*ks, 10])
     if qv is None:
         qv = encode_queries(v, model, queries)
     cols = _columns_for(v, model_heads, model.model_cfg.embed_dim)
-    ranked = _rank(v, qv.vectors, np.stack(gallery[v.model].to_numpy())[:, cols], gallery, max_k)
-    locations, query_locations = gallery["location_id"].to_numpy(), queries["location_id"].to_numpy()
-    out: dict[str, Any] = {
-        "metrics": _metrics_block(ranked, gallery, queries, ks),
-        "curve": recall_curve(ranked, locations, query_locations, max_k),
-        "ranks": location_ranks(ranked, locations, query_locations),
-        "gate": None if qv.gate is None else gate_summary(qv.gate, queries, list(v.heads)),
-        "corruptions": {},
-    }
+    ranks = {None: _hit_ranks(_rank(v, qv.vectors, np.stack(gallery[v.model].to_numpy())[:, cols], gallery, max_k),
+                              gallery, queries)}
     for kind, severity in corruptions:
-        damaged = np.stack(gallery[view_column(v.model, corruption_view(kind, severity))].to_numpy())[:, cols]
-        out["corruptions"][(kind, severity)] = _recall(_rank(v, qv.vectors, damaged, gallery, max_k),
-                                                       gallery, queries, ks)
-    return out
+        view = corruption_view(kind, severity)
+        damaged = np.stack(gallery[view_column(v.model, view)].to_numpy())[:, cols]
+        ranks[view] = _hit_ranks(_rank(v, qv.vectors, damaged, gallery, max_k), gallery, queries)
+    return variant_result(v, queries, ks, ranks, qv.gate, corruptions)
 
 
 def encode_queries(v: Variant, model, queries, cache: dict | None = None, gate_model: Any = None) -> QueryVectors:
@@ -204,9 +203,9 @@ def _routing(v: Variant, model, queries, own_gate: np.ndarray | None, gate_model
 
 
 def run_eval(cfg: Config) -> dict[str, Any]:
-    """Write eval/metrics.json, eval/results.md and the plots; returns the metrics."""
+    """Write eval/metrics.json, eval/per_query.parquet, eval/results.md and the plots; returns the metrics."""
+    from geoloc_ray.eval.distributed import evaluate_distributed
     from geoloc_ray.eval.report import is_diagnostic, write_report
-    from geoloc_ray.model import load_model
     from geoloc_ray.runtime import init_ray, use_storage
 
     use_storage(cfg)  # before the model checks read storage; Ray only once they pass
@@ -217,32 +216,38 @@ def run_eval(cfg: Config) -> dict[str, Any]:
         artifacts.require(artifacts.model_manifest(cfg, m), "train")
     if artifacts.MOE in model_uris:  # gallery columns follow model.platforms, the gate its manifest's order
         check_experts_for_model(cfg.model.platforms, model_uris[artifacts.MOE], "eval gallery (model.platforms)")
+    gate_uri = _platform_gate_uri(cfg, chosen)
     init_ray(cfg)
     queries = load_queries(cfg)
     corruptions = [(k, s) for k in cfg.eval.corruptions for s in cfg.eval.severities]
-    gallery = embed_gallery(cfg, {m: (uri, heads[m]) for m, uri in model_uris.items()}, corruptions)
-    gate_model = _platform_gate_model(cfg, chosen)
+    ks = list(cfg.eval.ks)
+    found = evaluate_distributed(cfg, queries, chosen, {m: (uri, heads[m]) for m, uri in model_uris.items()},
+                                 gate_uri, corruptions, max([*ks, 10]))
     results: dict[str, Any] = {"variants": {}, "corruptions": {}, "curves": {}}
     gates, ranks = {}, {}
-    for model_name, uri in model_uris.items():
-        model = load_model(uri).eval()
-        encoded: dict[tuple, Any] = {}
-        for v in [v for v in chosen if v.model == model_name]:
-            qv = encode_queries(v, model, queries, encoded, gate_model)
-            scored = score_variant(v, model, queries, gallery, heads[model_name], list(cfg.eval.ks),
-                                   [] if is_diagnostic(v.name) else corruptions, qv)  # they probe routing
-            results["variants"][v.name], results["curves"][v.name] = scored["metrics"], scored["curve"]
-            ranks[v.name] = scored["ranks"]
-            if scored["gate"] is not None and not v.places:
-                gates[v.name] = scored["gate"]
-            for (kind, severity), block in scored["corruptions"].items():
-                results["corruptions"].setdefault(kind, {}).setdefault(str(severity), {})[v.name] = block
+    for v in chosen:
+        scored = variant_result(v, queries, ks, found.ranks[v.name], found.weights.get(v.name),
+                                [] if is_diagnostic(v.name) else corruptions)  # diagnostics probe routing
+        results["variants"][v.name], results["curves"][v.name] = scored["metrics"], scored["curve"]
+        ranks[v.name] = scored["ranks"]
+        if scored["gate"] is not None and not v.places:
+            gates[v.name] = scored["gate"]
+        for (kind, severity), block in scored["corruptions"].items():
+            results["corruptions"].setdefault(kind, {}).setdefault(str(severity), {})[v.name] = block
     if gates:  # moe's gate at the top (as before), every routing's weight matrix under by_variant
         results["gate"] = {**gates.get("moe", next(iter(gates.values()))), "by_variant": gates}
-    results["meta"] = _meta(queries, gallery, list(cfg.eval.ks))
+    results["meta"] = _meta(queries, found.gallery, ks)
     io.write_parquet(artifacts.per_query(cfg), per_query_table(queries, ranks))
     write_report(cfg, results)
     return results
+
+
+def _platform_gate_uri(cfg: Config, chosen: list[Variant]) -> str | None:
+    """models/gate when a variant routes with it (checked there), else None."""
+    if not any(v.weights == PLATFORM_GATE for v in chosen):
+        return None
+    artifacts.require(artifacts.model_manifest(cfg, artifacts.GATE), "train")
+    return artifacts.model_dir(cfg, artifacts.GATE)
 
 
 def _platform_gate_model(cfg: Config, chosen: list[Variant]) -> Any:
@@ -256,12 +261,14 @@ def _platform_gate_model(cfg: Config, chosen: list[Variant]) -> Any:
     return load_model(uri, heads=[]).eval()
 
 
-def _meta(queries, gallery, ks: list[int]) -> dict[str, Any]:
-    locations, query_locations = gallery["location_id"].to_numpy(), queries["location_id"].to_numpy()
+def _meta(queries, gallery: dict[str, Any], ks: list[int]) -> dict[str, Any]:
+    """`gallery`: its size, distinct locations and images per query location (`search.gallery_stats`)."""
+    query_locations = queries["location_id"].to_numpy()
+    chance = {f"R@{k}": round(chance_recall_from_counts(gallery["gallery"], gallery["counts"], query_locations, k), 3)
+              for k in ks}
     return {
-        "queries": len(queries), "gallery": len(gallery), "locations": int(gallery["location_id"].nunique()),
-        "queries_per_platform": queries["platform"].value_counts().to_dict(),
-        "chance": {f"R@{k}": round(chance_recall(locations, query_locations, k), 3) for k in ks},
+        "queries": len(queries), "gallery": gallery["gallery"], "locations": gallery["locations"],
+        "queries_per_platform": queries["platform"].value_counts().to_dict(), "chance": chance,
     }
 
 

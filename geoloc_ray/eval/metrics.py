@@ -39,10 +39,13 @@ def retrieval_metrics(
     valid = ranked_ids >= 0
     image_hit = (gallery_images[safe] == query_images[:, None]) & valid
     loc_hit = (gallery_locations[safe] == query_locations[:, None]) & valid
-    return {
-        "location": recall_at(first_hit_rank(ranked_ids, loc_hit), ks),
-        "image": recall_at(first_hit_rank(ranked_ids, image_hit), ks),
-    }
+    return rank_metrics(first_hit_rank(ranked_ids, loc_hit), first_hit_rank(ranked_ids, image_hit), ks)
+
+
+def rank_metrics(location_ranks: np.ndarray, image_ranks: np.ndarray, ks: Sequence[int]
+                 ) -> dict[str, dict[str, float]]:
+    """`retrieval_metrics` from each query's first-hit ranks alone (what eval's search tasks return)."""
+    return {"location": recall_at(np.asarray(location_ranks), ks), "image": recall_at(np.asarray(image_ranks), ks)}
 
 
 def location_ranks(ranked_ids: np.ndarray, gallery_locations: np.ndarray, query_locations: np.ndarray
@@ -57,16 +60,24 @@ def location_ranks(ranked_ids: np.ndarray, gallery_locations: np.ndarray, query_
 def recall_curve(ranked_ids: np.ndarray, gallery_locations: np.ndarray, query_locations: np.ndarray,
                  max_k: int) -> list[float]:
     """Location-level R@1..R@max_k, for the recall@K plot."""
-    ranks = location_ranks(ranked_ids, gallery_locations, query_locations)
+    return rank_curve(location_ranks(ranked_ids, gallery_locations, query_locations), max_k)
+
+
+def rank_curve(ranks: np.ndarray, max_k: int) -> list[float]:
+    """Location-level R@1..R@max_k from each query's first-hit rank."""
     return [float(100.0 * np.mean(ranks < k)) for k in range(1, max_k + 1)]
 
 
 def chance_recall(gallery_locations: np.ndarray, query_locations: np.ndarray, k: int) -> float:
     """Expected location-level R@k of a random ranking (sampling without replacement), in percent."""
+    counts = {loc: int(c) for loc, c in zip(*np.unique(gallery_locations, return_counts=True), strict=True)}
+    return chance_recall_from_counts(len(gallery_locations), counts, query_locations, k)
+
+
+def chance_recall_from_counts(n: int, counts: dict, query_locations: np.ndarray, k: int) -> float:
+    """`chance_recall` from the gallery's size and its image count per location (no gallery array needed)."""
     from math import comb
 
-    n = len(gallery_locations)
-    counts = {loc: int(c) for loc, c in zip(*np.unique(gallery_locations, return_counts=True), strict=True)}
     probs = [1.0 - comb(n - counts.get(q, 0), k) / comb(n, k) for q in query_locations]
     return float(100.0 * np.mean(probs)) if probs else 0.0
 
