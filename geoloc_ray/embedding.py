@@ -78,28 +78,27 @@ def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = Non
                   with_gate: bool = False, batch_size: int = 256) -> QueryVectors:
     """Queries under one encoding: t_h(q) of a single head (`weights=None`), else the fused concat_k(w_k t_k)
     with the gate's (`"gate"`) or equal (`"static"`) weights; `with_gate` adds g(q) from the same trunk pass.
-    A caller that needs several of these for the same queries (eval's variants) takes `head_query_vectors` instead.
-
-    `heads` defaults to the model's platforms (the gate's order).
+    Built on `head_query_vectors` (one loop over the queries); a caller that needs several encodings of the same
+    queries (eval's variants) calls that directly. `heads` defaults to the model's platforms (the gate's order).
     """
     import torch
 
-    names = list(heads) if heads is not None else list(model.platforms)
+    from geoloc_ray.model import fusion
+
+    names = model.expert_names(heads)
     if weights is None and len(names) != 1:
         raise ValueError(f"a single-head query vector needs one head, got {names}")
-    vecs, gates = [], []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            trunk = model.text_trunk_output(list(texts[start : start + batch_size]))
-            if weights is None:
-                vecs.append(model.text_head(names[0], trunk).float().cpu().numpy())
-            else:
-                vecs.append(model.fused_query(trunk, weights=weights, heads=names).float().cpu().numpy())
-            if with_gate:
-                gates.append(model.gate(trunk).float().cpu().numpy())
-    dim = model.model_cfg.embed_dim * (1 if weights is None else len(names))
-    out = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32)
-    return QueryVectors(out, np.concatenate(gates) if gates else None)
+    if weights not in (None, "gate", "static"):
+        raise ValueError(f"weights must be 'gate', 'static' or None, got {weights!r}")
+    if weights == "gate" and names != model.platforms:
+        raise ValueError(f"the gate weighs {model.platforms} in that order; got heads {names}")
+    parts, gate = head_query_vectors(model, texts, names, with_gate=with_gate or weights == "gate",
+                                     batch_size=batch_size)
+    if weights is None:
+        return QueryVectors(parts[names[0]], gate if with_gate else None)
+    w = torch.from_numpy(gate) if weights == "gate" else fusion.static_weights(len(texts), len(names))
+    fused = fusion.fuse_query([torch.from_numpy(parts[h]) for h in names], w.float())
+    return QueryVectors(fused.numpy().astype(np.float32, copy=False), gate if with_gate else None)
 
 
 def head_query_vectors(model, texts: Sequence[str], heads: Sequence[str], with_gate: bool = False,
