@@ -6,7 +6,7 @@ tower's normalised float input lives here, once. This module sits below train/ev
 besides decoding (eval's corruptions) is passed in as callables.
 
 The actor classes run on the device the config's `device` resolves to (`geoloc_ray.devices`: under `auto`, the GPU
-Ray gave them): a GPU actor (`index.actor_num_gpus > 0`) computes under bf16 autocast (and `torch.compile` when
+Ray gave them): a GPU actor (`index.actors.num_gpus > 0`) computes under bf16 autocast (and `torch.compile` when
 `index.compile`), a CPU actor in fp32 as before; images are decoded on a small thread pool beside the model.
 """
 
@@ -230,8 +230,8 @@ class TextEmbedder(_Embedder):
 def _actor_args(ic: IndexConfig) -> dict[str, Any]:
     import ray.data
 
-    return {"compute": ray.data.ActorPoolStrategy(size=ic.num_actors), "num_cpus": ic.actor_num_cpus,
-            "num_gpus": ic.actor_num_gpus or None, "batch_format": "numpy"}
+    return {"compute": ray.data.ActorPoolStrategy(size=ic.actors.count), "num_cpus": ic.actors.num_cpus,
+            "num_gpus": ic.actors.num_gpus or None, "batch_format": "numpy"}
 
 
 def _runtime_kwargs(ic: IndexConfig, device: str) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def embedding_dataset(ds, models: dict[str, tuple[str, Sequence[str]]], ic: Inde
                       views: Mapping[str, PixelView] | None = None, device: str = "auto"):
     """The lazy Ray Dataset of image rows + one embedding column per model (and view): stream it to storage.
     `device` is the config's root `device` (each actor resolves it where it runs)."""
-    return ds.map_batches(ImageEmbedder, batch_size=ic.batch_size, **_actor_args(ic),
+    return ds.map_batches(ImageEmbedder, batch_size=ic.actors.batch_size, **_actor_args(ic),
                           fn_constructor_kwargs={"models": models, "views": dict(views or {}), "compile": ic.compile,
                                                  "decode_threads": ic.decode_threads, **_runtime_kwargs(ic, device)})
 
