@@ -98,10 +98,10 @@ def ray_embed(uri: str, rows: list[dict[str, Any]], actors: int, actor_cpus: flo
     """Seconds for `embed_images` over the rows (a fresh actor pool: start-up and model loads included)."""
     import ray.data
 
-    from geoloc_ray.config import IndexConfig
+    from geoloc_ray.config import ActorPool, IndexConfig
     from geoloc_ray.embedding import embed_images
 
-    ic = IndexConfig(num_actors=actors, actor_num_cpus=actor_cpus, batch_size=batch)
+    ic = IndexConfig(actors=ActorPool(count=actors, num_cpus=actor_cpus, batch_size=batch))
     # Blocks of 4 batches: whole batches per actor call, and enough blocks to keep every actor busy.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows) // (4 * batch)))
     frame, seconds = timed(embed_images, ds, {"embedding": (uri, PLATFORMS)}, ic)
@@ -161,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--locations", type=int, default=100, help="synthetic world size (its test split is the gallery)")
     p.add_argument("--images", type=int, default=20_000, help="rows to embed (the gallery repeated)")
     p.add_argument("--prefix", type=int, default=1_024, help="rows of the small run that measures fixed costs")
-    p.add_argument("--batch", type=int, default=64, help="IndexConfig.batch_size")
+    p.add_argument("--batch", type=int, default=64, help="index.actors.batch_size")
     p.add_argument("--actors", type=int_list, default=int_list("1,2"), help="actor pool sizes")
-    p.add_argument("--actor-cpus", type=float, default=0.5, help="IndexConfig.actor_num_cpus")
+    p.add_argument("--actor-cpus", type=float, default=0.5, help="index.actors.num_cpus")
     p.add_argument("--threads", type=int_list, default=int_list("1,2"), help="plain-loop torch threads")
     p.add_argument("--seed", type=int, default=0)
     args = parse(p, argv, {"locations": 4, "images": 256, "prefix": 64, "actors": [1], "threads": [1]})

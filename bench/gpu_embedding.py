@@ -19,21 +19,34 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DATASHEET_BF16_TFLOPS = {"H200": 990.0, "H100": 990.0, "A100": 312.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by a part of torch.cuda.get_device_name(); the most specific
+# match wins ("H100 PCIe" before "H100", which is the SXM part). A card not here has no peak: pass one explicitly.
+DATASHEET_BF16_TFLOPS = {"H200": 990.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 990.0, "A100": 312.0,
+                         "L40S": 362.0}
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """The datasheet bf16 peak of a CUDA device by its name (None: not in the table)."""
+    hits = [k for k in DATASHEET_BF16_TFLOPS if k in device_name]
+    return DATASHEET_BF16_TFLOPS[max(hits, key=len)] if hits else None
 PLATFORMS = ["satellite", "drone", "ground"]
 
 
-def saved_model(folder: str, model_name: str, image_size: int, expert_layers: int, embed_dim: int) -> str:
-    """A random-weight PE-MoE model with this image tower, saved where the actor class can load it."""
-    from geoloc_ray.config import ImageTowerConfig, ModelConfig
+def saved_model(folder: str, model_name: str, image_size: int, expert_layers: int, embed_dim: int,
+                text: Any = None) -> str:
+    """A random-weight PE-MoE model with this image tower, saved where the actor class can load it. `text`: its
+    text tower's config (default MiniLM; the image path never runs it, but loading the model builds it)."""
+    from geoloc_ray.config import ImageTowerConfig, ModelConfig, TextTowerConfig
     from geoloc_ray.model import build_model, save_model
 
     cfg = ModelConfig(image=ImageTowerConfig(model_name=model_name, image_size=image_size,
-                                             expert_layers=expert_layers), embed_dim=embed_dim)
+                                             expert_layers=expert_layers), embed_dim=embed_dim,
+                      text=text or TextTowerConfig())
     uri = str(Path(folder) / "moe")
     save_model(build_model(cfg, heads=PLATFORMS, gate=False, seed=0, image_pretrained=False), uri)
     return uri
@@ -133,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         run["tflops"] = run["images_per_s"] * run["gflops_per_image"] / 1e3
     if device == "cuda":
         result["matmul_bf16_tflops"] = matmul_tflops()
-        peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in result["device"]), None)
+        peak = datasheet_peak(result["device"])
         result["datasheet_bf16_tflops"] = peak
         for run in result["runs"]:
             run["fraction_of_datasheet_peak"] = run["tflops"] / peak if peak else None

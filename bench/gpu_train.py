@@ -121,12 +121,25 @@ def resume(cfg, job, device, shard, folder: str) -> dict:
             "state_on_device": state_devices == [param_device], "finite": math.isfinite(totals["loss"])}
 
 
+def step_every_kind(cfg, device, batch: int, folder: str) -> tuple[dict, dict, MemoryShard]:
+    """One step of every kind (`one_step`) on a random-weight 3-expert + gate model of `cfg.model`, saved under
+    `folder`, over `batch` random rows: (results by kind, the jobs, the shard)."""
+    from geoloc_ray.model import build_model, save_model
+    from geoloc_ray.train.loop import JobSpec
+
+    shard = MemoryShard(rows(batch, cfg.model.image.image_size or 64, cfg.train.hard_negatives.per_query))
+    init = str(Path(folder) / "moe")
+    save_model(build_model(cfg.model, heads=["satellite", "drone", "ground"], gate=True, seed=0), init, cfg)
+    expert = {"head": "drone", "init_head": "satellite"}
+    jobs = {kind: JobSpec(name=kind, kind=kind, init=init, lr=1e-4, epochs=2,
+                          **({} if kind.startswith("gate") else expert)) for kind in KINDS}
+    return {kind: one_step(cfg, job, device, shard) for kind, job in jobs.items()}, jobs, shard
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from geoloc_ray.config import load_config
-    from geoloc_ray.model import build_model, save_model
-    from geoloc_ray.train.loop import JobSpec
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -136,18 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     batch = 4 if args.quick else args.batch
     cfg = load_config(overrides=[f"train.batch_size={batch}", "train.bf16=true", "train.cache_shard_mb=0"])
-    size = cfg.model.image.image_size or 64
-    shard = MemoryShard(rows(batch, size, cfg.train.hard_negatives.per_query))
     started = time.time()
     results: dict = {"device": args.device, "torch": torch.__version__, "batch": batch, "bf16": True,
                      "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None}
     with tempfile.TemporaryDirectory(prefix="gpu-train-") as tmp:
-        init = str(Path(tmp) / "moe")
-        save_model(build_model(cfg.model, heads=["satellite", "drone", "ground"], gate=True, seed=0), init, cfg)
-        expert = {"head": "drone", "init_head": "satellite"}
-        jobs = {kind: JobSpec(name=kind, kind=kind, init=init, lr=1e-4, epochs=2,
-                              **({} if kind.startswith("gate") else expert)) for kind in KINDS}
-        results["kinds"] = {kind: one_step(cfg, job, args.device, shard) for kind, job in jobs.items()}
+        results["kinds"], jobs, shard = step_every_kind(cfg, args.device, batch, tmp)
         results["resume"] = resume(cfg, jobs["pairs"], args.device, shard, str(Path(tmp) / "checkpoint"))
     results["ok"] = (all(k["finite"] and k["steps"] == 1 for k in results["kinds"].values())
                      and results["resume"]["state_on_device"] and results["resume"]["finite"])

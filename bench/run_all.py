@@ -71,7 +71,7 @@ BENCHES = [
     Bench("index_memory", "bench/index_memory.py", [], ["--sizes", "2000,4000", "--dim", "64", "--shards", "2"],
           common_options=False),
 ]
-# Not here: bench/gpu_train.py and bench/gpu_embedding.py are device checks for the GPU machine (docs/BENCHMARKS.md
+# Not here: bench/gpu_check.py, gpu_train.py and gpu_embedding.py are device checks for the GPU machine (docs/BENCHMARKS.md
 # names their commands); on a CPU they only smoke-test themselves, which the tests already do.
 
 

@@ -46,7 +46,7 @@ def pick_device(choice: str, gpu_assigned: bool | None, cuda_visible: bool) -> s
     if gpu_assigned is False:  # a Ray worker given no GPU: any GPU it sees belongs to another worker
         if choice == "cuda":
             raise DeviceError("device: cuda, but Ray assigned this worker no GPU: request one (train.use_gpu, "
-                              "index.actor_num_gpus, serve.num_gpus, refine.actor_num_gpus) or set `device: auto`")
+                              "index.actors.num_gpus, serve.num_gpus, refine.actors.num_gpus) or set `device: auto`")
         return "cpu"
     if cuda_visible:
         return "cuda"

@@ -6,7 +6,7 @@ tower's normalised float input lives here, once. This module sits below train/ev
 besides decoding (eval's corruptions) is passed in as callables.
 
 The actor classes run on the device the config's `device` resolves to (`geoloc_ray.devices`: under `auto`, the GPU
-Ray gave them): a GPU actor (`index.actor_num_gpus > 0`) computes under bf16 autocast (and `torch.compile` when
+Ray gave them): a GPU actor (`index.actors.num_gpus > 0`) computes under bf16 autocast (and `torch.compile` when
 `index.compile`), a CPU actor in fp32 as before; images are decoded on a small thread pool beside the model.
 """
 
@@ -88,28 +88,27 @@ def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = Non
                   with_gate: bool = False, batch_size: int = 256) -> QueryVectors:
     """Queries under one encoding: t_h(q) of a single head (`weights=None`), else the fused concat_k(w_k t_k)
     with the gate's (`"gate"`) or equal (`"static"`) weights; `with_gate` adds g(q) from the same trunk pass.
-    A caller that needs several of these for the same queries (eval's variants) takes `head_query_vectors` instead.
-
-    `heads` defaults to the model's platforms (the gate's order).
+    Built on `head_query_vectors` (one loop over the queries); a caller that needs several encodings of the same
+    queries (eval's variants) calls that directly. `heads` defaults to the model's platforms (the gate's order).
     """
     import torch
 
-    names = list(heads) if heads is not None else list(model.platforms)
+    from geoloc_ray.model import fusion
+
+    names = model.expert_names(heads)
     if weights is None and len(names) != 1:
         raise ValueError(f"a single-head query vector needs one head, got {names}")
-    vecs, gates = [], []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            trunk = model.text_trunk_output(list(texts[start : start + batch_size]))
-            if weights is None:
-                vecs.append(model.text_head(names[0], trunk).float().cpu().numpy())
-            else:
-                vecs.append(model.fused_query(trunk, weights=weights, heads=names).float().cpu().numpy())
-            if with_gate:
-                gates.append(model.gate(trunk).float().cpu().numpy())
-    dim = model.model_cfg.embed_dim * (1 if weights is None else len(names))
-    out = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros((0, dim), np.float32)
-    return QueryVectors(out, np.concatenate(gates) if gates else None)
+    if weights not in (None, "gate", "static"):
+        raise ValueError(f"weights must be 'gate', 'static' or None, got {weights!r}")
+    if weights == "gate" and names != model.platforms:
+        raise ValueError(f"the gate weighs {model.platforms} in that order; got heads {names}")
+    parts, gate = head_query_vectors(model, texts, names, with_gate=with_gate or weights == "gate",
+                                     batch_size=batch_size)
+    if weights is None:
+        return QueryVectors(parts[names[0]], gate if with_gate else None)
+    w = torch.from_numpy(gate) if weights == "gate" else fusion.static_weights(len(texts), len(names))
+    fused = fusion.fuse_query([torch.from_numpy(parts[h]) for h in names], w.float())
+    return QueryVectors(fused.numpy().astype(np.float32, copy=False), gate if with_gate else None)
 
 
 def head_query_vectors(model, texts: Sequence[str], heads: Sequence[str], with_gate: bool = False,
@@ -244,8 +243,8 @@ class TextEmbedder(_Embedder):
 def _actor_args(ic: IndexConfig) -> dict[str, Any]:
     import ray.data
 
-    return {"compute": ray.data.ActorPoolStrategy(size=ic.num_actors), "num_cpus": ic.actor_num_cpus,
-            "num_gpus": ic.actor_num_gpus or None, "batch_format": "numpy"}
+    return {"compute": ray.data.ActorPoolStrategy(size=ic.actors.count), "num_cpus": ic.actors.num_cpus,
+            "num_gpus": ic.actors.num_gpus or None, "batch_format": "numpy"}
 
 
 def _runtime_kwargs(ic: IndexConfig, device: str) -> dict[str, Any]:
@@ -256,7 +255,7 @@ def embedding_dataset(ds, models: dict[str, tuple[str, Sequence[str]]], ic: Inde
                       views: Mapping[str, PixelView] | None = None, device: str = "auto"):
     """The lazy Ray Dataset of image rows + one embedding column per model (and view): stream it to storage.
     `device` is the config's root `device` (each actor resolves it where it runs)."""
-    return ds.map_batches(ImageEmbedder, batch_size=ic.batch_size, **_actor_args(ic),
+    return ds.map_batches(ImageEmbedder, batch_size=ic.actors.batch_size, **_actor_args(ic),
                           fn_constructor_kwargs={"models": models, "views": dict(views or {}), "compile": ic.compile,
                                                  "decode_threads": ic.decode_threads, **_runtime_kwargs(ic, device)})
 

@@ -316,7 +316,7 @@ def write_prepared(artifacts, parts: int = 1) -> None:
 
 
 def _cfg(artifacts, **refine):
-    return config_from_dict({"artifacts": str(artifacts), "refine": {"batch_size": 4, **refine}})
+    return config_from_dict({"artifacts": str(artifacts), "refine": {"actors": {"batch_size": 4}, **refine}})
 
 
 @pytest.mark.ray

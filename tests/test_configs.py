@@ -166,3 +166,19 @@ def test_rayservice_serves_serve_config_yaml() -> None:
         "re-apply the lines marked 'RayService:'")
     assert expected["applications"][0]["import_path"] == "geoloc_ray.serve.app:build_app"
     _check_cluster(service["spec"]["rayClusterConfig"])
+
+
+def test_actor_pools_are_one_sub_model_and_the_old_keys_name_the_new_ones() -> None:
+    from geoloc_ray.config import ConfigError, config_from_dict
+    from geoloc_ray.config.base import MOVED_KEYS, ActorPool
+
+    cfg = load_config(PRODUCTION)
+    assert type(cfg.refine.actors) is ActorPool and type(cfg.index.actors) is ActorPool
+    assert (cfg.index.actors.count, cfg.index.actors.num_gpus, cfg.index.actors.batch_size) == (4, 1.0, 256)
+    for old, new in MOVED_KEYS.items():
+        with pytest.raises(ConfigError, match=rf"{re.escape(old)}: unknown key: it moved to {re.escape(new)}"):
+            load_config(PRODUCTION, [f"{old}=2"])
+        section, key = new.split(".actors.")
+        assert config_from_dict({section: {"actors": {key: 2}}}).model_dump()[section]["actors"][key] == 2
+    with pytest.raises(ConfigError, match=r"index.actors.workers: unknown key$"):
+        config_from_dict({"index": {"actors": {"workers": 2}}})

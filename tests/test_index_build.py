@@ -30,7 +30,7 @@ def _same_ranking(ids_a, scores_a, ids_b, scores_b, tie: float = 1e-4) -> None:
 def demo_run(tmp_path_factory, ray_session):
     """A small demo world, prepared, with a random-weight PE-MoE model saved as models/moe."""
     cfg, model, _ = prepared_world_with_model(tmp_path_factory.mktemp("demo"), locations=24, seed=3, model_name="moe",
-                                              settings={"index": {"shards": 3, "batch_size": 8}})
+                                              settings={"index": {"shards": 3, "actors": {"batch_size": 8}}})
     return cfg, model
 
 

@@ -175,7 +175,7 @@ def test_mining_tasks_give_the_driver_mining_s_records(ray_session, tmp_path, ga
 @pytest.fixture(scope="module")
 def demo_world(tmp_path_factory, ray_session):
     """A small prepared demo world and one random-weight model with every expert head (the stage-1 experts)."""
-    settings = {"index": {"batch_size": 8}, "train": {"hard_negatives": {"top_k": 12, "per_query": 2, "skip_top": 1}}}
+    settings = {"index": {"actors": {"batch_size": 8}}, "train": {"hard_negatives": {"top_k": 12, "per_query": 2, "skip_top": 1}}}
     cfg, _, uri = prepared_world_with_model(tmp_path_factory.mktemp("mining"), locations=14, seed=5,
                                             model_name="stage1", settings=settings)
     return cfg, uri

@@ -24,9 +24,9 @@ SIZES = {"model.image.model_name", "model.image.image_size", "model.embed_dim", 
          "train.num_workers", "train.cpus_per_worker", "train.batch_size", "train.stage0.epochs",
          "train.stage2.epochs", "train.gate.epochs", "train.gate_fused.epochs",
          "train.stage1.min_steps", "train.stage2.min_steps", "train.stage2.batch_size", "train.stage2.grad_cache_chunk",
-         "refine.max_new_tokens", "refine.batch_size", "refine.actor_num_cpus", "refine.vllm.concurrency",
-         "refine.vllm.batch_size", "refine.vllm.max_model_len", "index.batch_size", "index.num_actors",
-         "index.actor_num_cpus", "serve.num_cpus", "serve.replicas.encoder", "serve.replicas.expert",
+         "refine.max_new_tokens", "refine.actors.batch_size", "refine.actors.num_cpus", "refine.vllm.concurrency",
+         "refine.vllm.batch_size", "refine.vllm.max_model_len", "index.actors.batch_size", "index.actors.count",
+         "index.actors.num_cpus", "serve.num_cpus", "serve.replicas.encoder", "serve.replicas.expert",
          "serve.replicas.shard"}
 
 
@@ -64,7 +64,7 @@ def test_rehearsal_keeps_production_families_and_requests():
     assert cfg.model.text.kind == "bge_m3" and cfg.refine.backend == "vllm"
     for c in (cfg, prod):  # what makes it production's path, held by the equality above; said here by name
         assert c.artifacts.startswith("s3://") and c.data.root.startswith("s3://")
-        assert (c.index.kind, c.index.shards) == ("ivf", 4) and c.index.actor_num_gpus > 0 and c.serve.num_gpus > 0
+        assert (c.index.kind, c.index.shards) == ("ivf", 4) and c.index.actors.num_gpus > 0 and c.serve.num_gpus > 0
         assert c.train.use_gpu and c.train.global_negatives and c.train.checkpoint_every_epochs == 1
     assert cfg.train.num_workers == 2  # stage 0 data-parallel over two GPU nodes
     assert cfg.train.stage1.epochs >= 3  # a node is killed after stage 1's first checkpoint: it must resume

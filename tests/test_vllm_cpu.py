@@ -47,7 +47,7 @@ def _cfg(artifacts, device: str = "cpu", **vllm):
     return config_from_dict({
         "artifacts": str(artifacts),
         "device": device,
-        "refine": {"backend": "vllm", "batch_size": 4, "actor_num_cpus": 0.25, "vllm": vllm},
+        "refine": {"backend": "vllm", "actors": {"batch_size": 4, "num_cpus": 0.25}, "vllm": vllm},
     })
 
 

@@ -28,7 +28,7 @@ def _load_tokenizer(model_path: str):
 
 class TransformersGenerator:
     """Greedy generation with a local causal LM; the chat template is used when the tokenizer has one. It runs
-    where the config's `device` resolves to: under `auto`, the GPU Ray gave the actor (refine.actor_num_gpus)."""
+    where the config's `device` resolves to: under `auto`, the GPU Ray gave the actor (refine.actors.num_gpus)."""
 
     def __init__(self, model_path: str, max_new_tokens: int = 64, batch_size: int = 16, device: str = "auto"):
         import torch

@@ -91,8 +91,8 @@ def settings_from_config(cfg) -> RefineSettings:
         max_new_tokens=rc.max_new_tokens,
         max_output_words=rc.max_output_words,
         max_statements=rc.max_statements_per_prompt,
-        batch_size=rc.batch_size,
-        num_gpus=rc.actor_num_gpus,
+        batch_size=rc.actors.batch_size,
+        num_gpus=rc.actors.num_gpus,
         device=cfg.device,
         storage_options=io.storage_options(),
     )

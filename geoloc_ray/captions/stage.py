@@ -28,14 +28,14 @@ def _refine_dataset(ds, settings: RefineSettings, cfg):
         if cfg.device != "cpu":  # device cpu: the engine asks for CPU bundles only (vllm_backend.engine_placement)
             check_gpus(rc.vllm.tensor_parallel_size)
         return refine_with_vllm(ds, settings, rc)
-    gpu = {"num_gpus": rc.actor_num_gpus} if rc.actor_num_gpus > 0 else {}
+    gpu = {"num_gpus": rc.actors.num_gpus} if rc.actors.num_gpus > 0 else {}
     return ds.map_batches(
         Refiner,
         fn_constructor_kwargs={"settings": settings},
-        batch_size=rc.batch_size,
+        batch_size=rc.actors.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
-        num_cpus=rc.actor_num_cpus,  # fractional: whole-CPU actors starve the read tasks on small machines
+        compute=ray.data.ActorPoolStrategy(size=rc.actors.count),
+        num_cpus=rc.actors.num_cpus,  # fractional: whole-CPU actors starve the read tasks on small machines
         **gpu,
     )
 

@@ -84,7 +84,7 @@ def vllm_processor_config(rc, model: str | None = None, device: str = "auto"):
     from ray.data.llm import vLLMEngineProcessorConfig
 
     v = rc.vllm
-    cpu_stage = {"runtime_env": {}, "num_cpus": rc.actor_num_cpus}  # fractional: see refine.actor_num_cpus
+    cpu_stage = {"runtime_env": {}, "num_cpus": rc.actors.num_cpus}  # fractional: see refine.actors.num_cpus
     return vLLMEngineProcessorConfig(
         model_source=model or v.model,
         engine_kwargs={
@@ -146,8 +146,8 @@ def build_vllm_processor(settings: RefineSettings, rc, keep: list[str]) -> Calla
         vllm_processor_config(rc, settings.model, settings.device),
         preprocess=partial(vllm_preprocess, settings=settings),
         postprocess=partial(vllm_postprocess, keep=keep),
-        preprocess_map_kwargs={"num_cpus": rc.actor_num_cpus},
-        postprocess_map_kwargs={"num_cpus": rc.actor_num_cpus},
+        preprocess_map_kwargs={"num_cpus": rc.actors.num_cpus},
+        postprocess_map_kwargs={"num_cpus": rc.actors.num_cpus},
     )
 
 
@@ -219,15 +219,15 @@ def refine_with_vllm(ds, settings: RefineSettings, rc, processor_factory: Callab
     import ray.data
     from ray.data.expressions import col
 
-    cpu = {"batch_format": "pyarrow", "batch_size": rc.batch_size, "num_cpus": rc.actor_num_cpus}
+    cpu = {"batch_format": "pyarrow", "batch_size": rc.actors.batch_size, "num_cpus": rc.actors.num_cpus}
     looked = ds.map_batches(
         CacheLookup,
         fn_constructor_kwargs={"settings": settings},
-        compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
+        compute=ray.data.ActorPoolStrategy(size=rc.actors.count),
         **cpu,
     ).materialize()
     # Fractional CPUs here too: a whole-CPU filter task waits forever behind the engine's and stages' actors.
-    part = {"num_cpus": rc.actor_num_cpus}
+    part = {"num_cpus": rc.actors.num_cpus}
     hits = looked.filter(expr=col("refine_was_cached") == True, **part)  # noqa: E712 (an expression, not a test)
     misses = looked.filter(expr=col("refine_was_cached") == False, **part)  # noqa: E712
     rows = hits

