@@ -38,7 +38,7 @@ MODELS = {"unified": (["unified"], False), "aligned": (["aligned"], False),
 
 def _settings(root: Path, size: int, corruptions: list[str]) -> dict:
     return {"data": {"root": str(root / "world")}, "artifacts": str(root / f"run-{size}"),
-            "index": {"batch_size": 32, "actor_num_cpus": 0.5, "build_num_cpus": 0.5},
+            "index": {"actors": {"batch_size": 32, "num_cpus": 0.5}, "build_num_cpus": 0.5},
             "eval": {"corruptions": corruptions, "severities": [1], "plots": False}}
 
 

@@ -197,7 +197,7 @@ def eval_world(tmp_path_factory, ray_session):
     from geoloc_ray import artifacts
     from geoloc_ray.model import build_model, save_model
 
-    settings = {"index": {"batch_size": 4}, "eval": {"corruptions": ["noise", "occlusion"], "severities": [1],
+    settings = {"index": {"actors": {"batch_size": 4}}, "eval": {"corruptions": ["noise", "occlusion"], "severities": [1],
                                                       "plots": False}}
     cfg, _, _ = prepared_world_with_model(tmp_path_factory.mktemp("eval"), locations=10, seed=2, model_name="moe",
                                           settings=settings)

@@ -1,7 +1,7 @@
 """Eval off the driver: the vectors on storage, the searches in Ray tasks, the hit ranks back to the driver.
 
 1. Ray Data embeds the test gallery on the embedding actor pool (`index.*` resources: GPUs when
-   `index.actor_num_gpus`): each image is decoded once, corrupted per view, and every view goes through each
+   `index.actors.num_gpus`): each image is decoded once, corrupted per view, and every view goes through each
    distinct frozen image trunk once, every model's heads applied to that output; the vectors are written to
    `eval/work/gallery`.
 2. Ray Data encodes the test queries the same way (`eval/queries.py`): one text-trunk pass for every model's
@@ -143,7 +143,7 @@ def search(cfg: Config, n_queries: int, query_locations: list[str], plan: dict[s
     if not gallery_parts:
         raise ValueError("eval found no test image to search (none decodable)")
     blocks = query_blocks(list_parts(artifacts.eval_query_embeddings(cfg)), QUERIES_PER_TASK)
-    task = ray.remote(search_block).options(num_cpus=cfg.index.build_num_cpus, num_gpus=cfg.index.actor_num_gpus)
+    task = ray.remote(search_block).options(num_cpus=cfg.index.build_num_cpus, num_gpus=cfg.index.actors.num_gpus)
     refs = [task.remote(block, gallery_parts, model, probes_, max_k, storage)
             for block in blocks for model, probes_ in plan.items()]
     stats = ray.remote(gallery_stats).options(num_cpus=cfg.index.build_num_cpus).remote(

@@ -2,7 +2,7 @@
 from one text-trunk pass per query shared by every model whose frozen trunk is the same one.
 
 The vectors go to storage (`artifacts.eval_query_embeddings`), where the search tasks read their block; the
-driver never holds them. Actors ask for what `index` asks for embedding (GPUs when `index.actor_num_gpus`), and
+driver never holds them. Actors ask for what `index` asks for embedding (GPUs when `index.actors.num_gpus`), and
 compute on the device the config's `device` resolves to there.
 """
 
@@ -101,8 +101,8 @@ def query_embedding_dataset(ds, models: dict[str, QueryModel], ic: IndexConfig, 
     import ray.data
 
     return ds.map_batches(QueryEncoder, batch_size=QUERY_BATCH, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=ic.num_actors), num_cpus=ic.actor_num_cpus,
-                          num_gpus=ic.actor_num_gpus or None,
+                          compute=ray.data.ActorPoolStrategy(size=ic.actors.count), num_cpus=ic.actors.num_cpus,
+                          num_gpus=ic.actors.num_gpus or None,
                           fn_constructor_kwargs={"models": models, "storage": io.storage_options(),
                                                  "torch_threads": ic.torch_threads, "bf16": ic.bf16,
                                                  "device": device})
