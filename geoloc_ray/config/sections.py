@@ -136,6 +136,9 @@ class IndexConfig(_Model):
     hnsw_m: int = Field(32, ge=4)
     ef_search: int = Field(64, ge=1)
     batch_size: int = Field(64, ge=1)
+    # Queries per text-embedding batch (mining's queries through each expert's text trunk): the Ray Data batch and
+    # the trunk call. Was 256 in code; a GPU encoding BGE-M3 queries of <= 128 tokens wants more.
+    text_batch_size: int = Field(256, ge=1)
     num_actors: int = Field(1, ge=1)
     actor_num_cpus: float = Field(0.5, gt=0)
     actor_num_gpus: float = Field(0.0, ge=0)
@@ -144,7 +147,8 @@ class IndexConfig(_Model):
     bf16: bool = True
     compile: bool = False
     torch_threads: int = Field(1, ge=1)  # per CPU actor
-    decode_threads: int = Field(4, ge=1)  # image decoding threads beside each actor's model
+    # Decoding threads of an actor given image URIs directly (embedding_dataset decodes in CPU tasks before it).
+    decode_threads: int = Field(4, ge=1)
     train_sample: int = Field(200_000, ge=1)  # IVF/PQ training: at most this many gallery vectors
     build_num_cpus: float = Field(0.5, gt=0)  # per shard-building Ray task
 

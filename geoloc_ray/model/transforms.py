@@ -42,14 +42,17 @@ class ImagePreprocess:
         )
 
     def to_unit(self, images: Any) -> torch.Tensor:
-        """uint8 (N, H, W, 3) array / list of HWC arrays or PIL images / float NCHW -> float NCHW in [0, 1] at size."""
+        """uint8 (N, H, W, 3) array or tensor (any device) / list of HWC arrays or PIL images / float NCHW -> float NCHW
+        in [0, 1] at size, on the input's device."""
         if isinstance(images, torch.Tensor) and images.dtype != torch.uint8:
             x = images.float()
         else:
             if not isinstance(images, (np.ndarray, torch.Tensor)):
                 return torch.cat([self.to_unit(np.asarray(img)[None]) for img in images]) if len(images) else (
                     torch.zeros(0, 3, self.size, self.size))
-            arr = torch.as_tensor(np.ascontiguousarray(images))
+            # A uint8 tensor may already be on the GPU (the embedding actors and train steps copy uint8 across
+            # and normalise there: a quarter of float32's bytes over PCIe, and no CPU time on the conversion).
+            arr = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(images))
             x = arr.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[1] != 3:
             raise ValueError(f"expected RGB images with 3 channels, got shape {tuple(x.shape)}")
