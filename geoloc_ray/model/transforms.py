@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geoloc_ray.devices import to_device
+
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -72,10 +74,11 @@ class ImagePreprocess:
         """Model input (N, 3, size, size); `augment` (e.g. SatelliteAugment) runs on the masked images only."""
         x = self.to_unit(images)
         if augment is not None:
-            mask = torch.ones(len(x), dtype=torch.bool) if augment_mask is None else torch.as_tensor(
-                np.asarray(augment_mask, dtype=bool))
-            if bool(mask.any()):
-                x[mask] = augment(x[mask])
+            # row indices from the host mask: a boolean index on a GPU tensor would wait for the GPU to count it
+            rows = np.arange(len(x)) if augment_mask is None else np.flatnonzero(np.asarray(augment_mask, dtype=bool))
+            if len(rows):
+                index = to_device(torch.as_tensor(rows), x.device)
+                x[index] = augment(x[index])
         return self.normalize(x)
 
 

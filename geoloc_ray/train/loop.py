@@ -111,9 +111,14 @@ def make_optimizer(model, job: JobSpec, cfg: Config):
 
 
 def on_device(model, job: JobSpec, cfg: Config, device, opt_state: dict | None = None) -> tuple[Any, Any]:
-    """Move the model to `device`, then build its optimizer and schedule, then restore their state: loaded after
-    the move, AdamW's moments land on the parameters' device (a CUDA resume mixes nothing)."""
+    """Move the model to `device` (on CUDA under `train.bf16`, its frozen trunks in bf16), then build its optimizer
+    and schedule, then restore their state: loaded after the move, AdamW's moments land on the parameters' device
+    (a CUDA resume mixes nothing)."""
+    import torch
+
     model.to(device)
+    if torch.device(device).type == "cuda" and cfg.train.bf16:
+        frozen_trunks_in_bf16(model)
     optimizer, scheduler = make_optimizer(model, job, cfg)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state["optimizer"])
@@ -128,23 +133,48 @@ def _rows(batch: dict[str, Any]) -> int:
 def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler) -> tuple[int, dict[str, float]]:
     """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function.
 
-    Every worker takes the same number of steps (`parallel.agreed`); with several, the loss runs through DDP.
+    Every worker takes the same number of steps (`parallel.agreed`, agreed once per `train.report_every_steps`);
+    with several, the loss runs through DDP. No step waits on the host: the loss and accuracy are summed on the
+    device and read at the end of the epoch (and at each agreement in a long epoch, where the workers meet anyway).
     """
-    from geoloc_ray.train.parallel import agreed
+    import torch
+
+    from geoloc_ray.train.parallel import agreed, world
 
     kind = kind_of(ctx.job.kind)
-    totals = {"loss": 0.0, "acc": 0.0}
+    every = ctx.cfg.train.report_every_steps
+    totals = None  # (summed loss, summed accuracy) on the device
     n_steps = 0
-    for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device):
+    for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device, every):
         ctx.sizes = sizes
         optimizer.zero_grad(set_to_none=True)
         loss, acc = kind.run_step(ctx, batch)  # forward and backward (one or several, `grad_cache`)
         optimizer.step()
         scheduler.step()
-        totals["loss"] += float(loss.detach())
-        totals["acc"] += acc
+        loss = loss.detach().float().reshape(())
+        step = torch.stack([loss, torch.as_tensor(acc, dtype=torch.float32, device=loss.device).reshape(())])
+        totals = step if totals is None else totals + step
         n_steps += 1
-    return n_steps, totals
+        if n_steps % every == 0 and ctx.job.steps_per_epoch > every and world()[0] == 0:
+            loss_sum, acc_sum = totals.tolist()
+            print(f"[{ctx.job.name}] epoch {epoch + 1} step {n_steps}/{ctx.job.steps_per_epoch} "
+                  f"loss {loss_sum / n_steps:.4f} acc {acc_sum / n_steps:.3f}", flush=True)
+    loss_sum, acc_sum = totals.tolist() if totals is not None else (0.0, 0.0)
+    return n_steps, {"loss": loss_sum, "acc": acc_sum}
+
+
+def frozen_trunks_in_bf16(model) -> list[str]:
+    """Cast the trunks that do not train to bf16 (on a GPU worker under `train.bf16`): autocast ran their matmuls
+    in bf16 already, but cast the fp32 weights at every call and kept twice their bytes; the heads, the gate and a
+    trained trunk keep fp32 weights for AdamW. Returns the names cast."""
+    import torch
+
+    cast = []
+    for name, module in (("text_trunk", model.text_trunk), ("image_trunk", model.image_trunk)):
+        if not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+            cast.append(name)
+    return cast
 
 
 def write_checkpoint(folder: str, model, optimizer, scheduler, cfg: Config, job: JobSpec, epoch: int,
