@@ -89,23 +89,18 @@ def resume(cfg, job, device, shard, folder: str) -> dict:
     """Epoch 0, checkpoint, restore onto `device`, epoch 1: the resumed optimizer's state is on the device."""
     import torch
 
-    from geoloc_ray.train.loop import (
-        _init_model,
-        _set_trainable,
-        on_device,
-        read_checkpoint,
-        run_epoch,
-        write_checkpoint,
-    )
+    from geoloc_ray.model.checkpoint import frozen_sha256
+    from geoloc_ray.train.loop import _init_model, on_device, read_checkpoint, run_epoch, write_checkpoint
     from geoloc_ray.train.steps import make_context
 
     model = _init_model(cfg, job)
+    frozen = frozen_sha256(model)  # before the move, as the worker loop takes it
     optimizer, scheduler = on_device(model, job, cfg, device)
     model.train()
     run_epoch(make_context(model, job, cfg, np.random.default_rng(0), device, shard), 0, optimizer, scheduler)
-    write_checkpoint(folder, model, optimizer, scheduler, cfg, job, 0, {"world_size": 1, "node_ids": []})
-    model, opt_state, start = read_checkpoint(folder)
-    _set_trainable(model, job)
+    write_checkpoint(folder, model, optimizer, scheduler, cfg, job, 0, {"world_size": 1, "node_ids": []}, frozen)
+    model = _init_model(cfg, job)  # the job's starting model, as a restarted worker builds it
+    opt_state, start, _ = read_checkpoint(folder, model, frozen)
     optimizer, scheduler = on_device(model, job, cfg, device, opt_state)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # AdamW's moments (its step counter is a 0-d CPU tensor by design)

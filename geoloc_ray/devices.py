@@ -68,3 +68,15 @@ def resolve_device(choice: str = "auto") -> str:
     import torch
 
     return pick_device(choice, ray_gpus_assigned(), torch.cuda.is_available())
+
+
+def to_device(x, device):
+    """A host tensor on `device`: on CUDA through pinned (page-locked) memory with a non-blocking copy, so the host
+    does not wait for the transfer and the copy overlaps queued GPU work; elsewhere as is (`.to`, a no-op on the
+    CPU). Takes torch tensors; torch is the caller's import."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or x.device.type != "cpu":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)

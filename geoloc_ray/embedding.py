@@ -6,8 +6,7 @@ tower's normalised float input lives here, once. This module sits below train/ev
 besides decoding (eval's corruptions) is passed in as callables.
 
 The actor classes run on the device the config's `device` resolves to (`geoloc_ray.devices`: under `auto`, the GPU
-Ray gave them): a GPU actor (`index.actors.num_gpus > 0`) computes under bf16 autocast (and `torch.compile` when
-`index.compile`), a CPU actor in fp32 as before; images are decoded on a small thread pool beside the model.
+from geoloc_ray.devices import resolve_device, to_device
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import numpy as np
 
 from geoloc_ray import io
 from geoloc_ray.config import IndexConfig
-from geoloc_ray.devices import resolve_device
+from geoloc_ray.devices import resolve_device, to_device
 from geoloc_ray.model.shared_trunk import share_image_trunks, trunk_module
 from geoloc_ray.preprocess.images import decode_pixels
 
@@ -33,10 +32,13 @@ class QueryVectors(NamedTuple):
 
 
 def model_pixels(model, pixels: np.ndarray):
-    """uint8 pixels -> the model's normalised input tensor (the tower's own preprocessing)."""
+    """uint8 pixels -> the model's normalised input tensor on the model's device: the uint8 array crosses (pinned
+    and non-blocking on CUDA, a quarter of float32's bytes) and the tower's own preprocessing runs there."""
+    import torch
+
     from geoloc_ray.model import image_preprocess
 
-    return image_preprocess(model)(pixels)
+    return image_preprocess(model)(to_device(torch.from_numpy(np.ascontiguousarray(pixels)), model.device))
 
 
 def input_size(model) -> int:
@@ -76,16 +78,17 @@ def image_vectors(model, pixels: np.ndarray, heads: Sequence[str], bf16: bool = 
     with torch.no_grad(), autocast(device.type, bf16):
         trunk = None if trunks is None else trunks.get(key)
         if trunk is None:
-            x = model_pixels(model, pixels)
-            x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x
-            trunk = model.image_trunk_output(x)
+            trunk = model.image_trunk_output(model_pixels(model, pixels))  # uint8 to the device, normalised there
             if trunks is not None:
                 trunks[key] = trunk
         return torch.cat([model.image_head(h, trunk) for h in heads], dim=1).float().cpu().numpy()
 
 
+TEXT_BATCH = 256  # texts per trunk call when a caller names none (`index.text_batch_size` in the Ray Data stages)
+
+
 def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = None, weights: str | None = "gate",
-                  with_gate: bool = False, batch_size: int = 256) -> QueryVectors:
+                  with_gate: bool = False, batch_size: int = TEXT_BATCH) -> QueryVectors:
     """Queries under one encoding: t_h(q) of a single head (`weights=None`), else the fused concat_k(w_k t_k)
     with the gate's (`"gate"`) or equal (`"static"`) weights; `with_gate` adds g(q) from the same trunk pass.
     Built on `head_query_vectors` (one loop over the queries); a caller that needs several encodings of the same
@@ -112,7 +115,7 @@ def query_vectors(model, texts: Sequence[str], heads: Sequence[str] | None = Non
 
 
 def head_query_vectors(model, texts: Sequence[str], heads: Sequence[str], with_gate: bool = False,
-                       batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+                       batch_size: int = TEXT_BATCH) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Each head's unit query vectors t_h(q) (and g(q)) from ONE trunk pass: every query variant of one model (a
     head alone, or fused under any weights) is built from these; eval's ten variants had run the trunk eight times."""
     import torch
@@ -163,9 +166,11 @@ class _Embedder:
 class ImageEmbedder(_Embedder):
     """`map_batches` callable: rows with `image_uri` (or `pixels`) -> one embedding column per model.
 
-    `models` maps an output column to (model URI, heads); each image is decoded once for all of them (on
-    `decode_threads` threads), and each of `views` (name -> pixel transform) adds a column per model
-    (`view_column`). Rows whose image cannot be decoded are dropped (and logged): an embedding is never made up.
+    `models` maps an output column to (model URI, heads); each image is decoded once for all of them, and each of
+    `views` (name -> pixel transform) adds a column per model (`view_column`). Rows with `pixels` (what
+    `decode_images` made in a CPU stage before it: `embedding_dataset`) go straight to the device; rows with only
+    `image_uri` (direct calls) are decoded here, on `decode_threads` threads. Rows whose image cannot be decoded
+    are dropped (and logged): an embedding is never made up.
     """
 
     def __init__(self, models: dict[str, tuple[str, Sequence[str]]], storage: dict | None = None,
@@ -215,12 +220,14 @@ class ImageEmbedder(_Embedder):
 
 
 class TextEmbedder(_Embedder):
-    """`map_batches` callable: rows with `query` and `platform` -> `embedding` from that platform's expert."""
+    """`map_batches` callable: rows with `query` and `platform` -> `embedding` from that platform's expert, its
+    trunk called on `batch_size` texts at a time."""
 
     def __init__(self, models: dict[str, tuple[str, str]], storage: dict | None = None, torch_threads: int = 1,
-                 bf16: bool = True, device: str = "auto"):
+                 bf16: bool = True, device: str = "auto", batch_size: int = TEXT_BATCH):
         super().__init__(storage, torch_threads, bf16, device)
         self.models = {platform: (self._load(uri), head) for platform, (uri, head) in models.items()}
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         queries = np.asarray([str(q) for q in batch["query"]], dtype=object)
@@ -233,7 +240,8 @@ class TextEmbedder(_Embedder):
             rows = np.flatnonzero(platforms == platform)
             if len(rows):
                 with autocast(self.device, self.bf16):
-                    vecs = query_vectors(model, list(queries[rows]), [head], weights=None).vectors
+                    vecs = query_vectors(model, list(queries[rows]), [head], weights=None,
+                                         batch_size=self.batch_size).vectors
                 out = np.zeros((len(queries), vecs.shape[1]), np.float32) if out is None else out
                 out[rows] = vecs
         batch["embedding"] = out
@@ -251,13 +259,36 @@ def _runtime_kwargs(ic: IndexConfig, device: str) -> dict[str, Any]:
     return {"storage": io.storage_options(), "torch_threads": ic.torch_threads, "bf16": ic.bf16, "device": device}
 
 
+def decode_images(batch: dict[str, Any], size: int, storage: dict | None = None) -> dict[str, Any]:
+    """`map_batches` function of the CPU stage before the embedding actors: `image_uri` -> uint8 `pixels` at the
+    tower's input size; rows whose image cannot be decoded are dropped (decode_pixels logs them)."""
+    io.use_storage_options(storage)
+    pixels, ok = decode_pixels(list(batch["image_uri"]), size)
+    keep = np.asarray(ok, dtype=bool)
+    return {**{k: np.asarray(v)[keep] for k, v in batch.items()}, "pixels": pixels[keep]}
+
+
+def models_input_size(models: Mapping[str, tuple[str, Any]]) -> int:
+    """The one input size of the models' image towers (from their manifests), which the decode stage resizes to."""
+    from geoloc_ray.model import image_preprocess, read_manifest
+
+    sizes = {uri: image_preprocess(read_manifest(uri)).size for uri, _ in models.values()}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"the models' image towers take different input sizes {sizes}: embed them in separate passes")
+    return next(iter(sizes.values()))
+
+
 def embedding_dataset(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConfig,
                       views: Mapping[str, PixelView] | None = None, device: str = "auto"):
     """The lazy Ray Dataset of image rows + one embedding column per model (and view): stream it to storage.
-    `device` is the config's root `device` (each actor resolves it where it runs)."""
-    return ds.map_batches(ImageEmbedder, batch_size=ic.actors.batch_size, **_actor_args(ic),
-                          fn_constructor_kwargs={"models": models, "views": dict(views or {}), "compile": ic.compile,
-                                                 "decode_threads": ic.decode_threads, **_runtime_kwargs(ic, device)})
+    Images are decoded and resized by CPU tasks (one CPU each; Ray Data runs as many as the cluster's CPUs allow,
+    docs/BENCHMARKS.md sizes a GPU node's CPUs by it), the actors take uint8 batches. `device` is the config's root
+    `device` (each actor resolves it where it runs)."""
+    pixels = ds.map_batches(decode_images, batch_size=ic.actors.batch_size, num_cpus=1, batch_format="numpy",
+                            fn_kwargs={"size": models_input_size(models), "storage": io.storage_options()})
+    return pixels.map_batches(ImageEmbedder, batch_size=ic.actors.batch_size, **_actor_args(ic),
+                              fn_constructor_kwargs={"models": models, "views": dict(views or {}),
+                                                     "compile": ic.compile, **_runtime_kwargs(ic, device)})
 
 
 def embed_images(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConfig,
@@ -267,9 +298,11 @@ def embed_images(ds, models: dict[str, tuple[str, Sequence[str]]], ic: IndexConf
 
 
 def text_embedding_dataset(ds, models: dict[str, tuple[str, str]], ic: IndexConfig, device: str = "auto"):
-    """The lazy Ray Dataset of `query`/`platform` rows + an `embedding` column (its platform's expert)."""
-    return ds.map_batches(TextEmbedder, batch_size=256, **_actor_args(ic),
-                          fn_constructor_kwargs={"models": models, **_runtime_kwargs(ic, device)})
+    """The lazy Ray Dataset of `query`/`platform` rows + an `embedding` column (its platform's expert), in batches
+    of `index.text_batch_size`."""
+    return ds.map_batches(TextEmbedder, batch_size=ic.text_batch_size, **_actor_args(ic),
+                          fn_constructor_kwargs={"models": models, "batch_size": ic.text_batch_size,
+                                                 **_runtime_kwargs(ic, device)})
 
 
 def embed_texts(ds, models: dict[str, tuple[str, str]], ic: IndexConfig, device: str = "auto"):

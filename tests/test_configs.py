@@ -182,3 +182,20 @@ def test_actor_pools_are_one_sub_model_and_the_old_keys_name_the_new_ones() -> N
         assert config_from_dict({section: {"actors": {key: 2}}}).model_dump()[section]["actors"][key] == 2
     with pytest.raises(ConfigError, match=r"index.actors.workers: unknown key$"):
         config_from_dict({"index": {"actors": {"workers": 2}}})
+
+
+# Decode cores one A100 needs: ~320 img/s (EVA02-L @ 384 in bf16, scaled from ~1k on an H100 by bf16 peak) over
+# 121 img/s per core for 1024 px JPEGs (bench/decode_rate.py, docs/BENCHMARKS.md issue 21).
+DECODE_CPUS_PER_A100 = 2.6
+
+
+def test_gpu_train_nodes_leave_their_cpus_to_the_decode_stage() -> None:
+    """The GPU processes (train workers, embedding actors) no longer decode: what they ask leaves each gpu_train
+    node (launcher and KubeRay) the cores its GPUs' images take to decode."""
+    cfg = load_config(PRODUCTION)
+    per_gpu = max(cfg.train.cpus_per_worker, cfg.index.actors.num_cpus)
+    launcher = _yaml("cluster.yaml")["available_node_types"]["gpu_train"]["resources"]
+    groups = _yaml("k8s/rayjob-train.yaml")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pod = _limits(next(g for g in groups if g["groupName"] == "gpu-train"))
+    for cpus, gpus in ((launcher["CPU"], launcher["GPU"]), (float(pod["cpu"]), float(pod["nvidia.com/gpu"]))):
+        assert cpus - gpus * per_gpu >= gpus * DECODE_CPUS_PER_A100, (cpus, gpus, per_gpu)

@@ -154,3 +154,59 @@ def test_gpu_embedding_bench_runs_the_actor_class(tmp_path: Path):
     assert result["code"] == "geoloc_ray.embedding.ImageEmbedder" and result["device"] == "cpu"
     assert {r["actor_device"] for r in result["runs"]} == {"cpu"}
     assert all(r["images_per_s"] > 0 and r["gflops_per_image"] > 0 for r in result["runs"])
+
+
+def test_decode_stage_drops_undecodable_rows_and_sizes_to_the_tower(moe, saved_moe, tmp_path: Path):
+    """The CPU stage before the actors: uint8 pixels at the model's input size, broken rows gone, other columns
+    kept in step; the actor then takes those pixels as they are (no second decode)."""
+    from geoloc_ray.embedding import (
+        ImageEmbedder,
+        decode_images,
+        image_vectors,
+        input_size,
+        models_input_size,
+    )
+
+    size = models_input_size({"emb": (saved_moe, PLATFORMS)})
+    assert size == input_size(moe)
+    uris = []
+    for i in range(3):
+        write_jpeg(tmp_path / f"{i}.jpg", (60 * i, 90, 200 - 50 * i), 2 * size + 10)  # resized (draft-decoded)
+        uris.append(str(tmp_path / f"{i}.jpg"))
+    uris.insert(2, str(tmp_path / "missing.jpg"))
+    out = decode_images({"image_id": np.array(["a", "b", "gone", "c"]), "image_uri": np.array(uris)}, size)
+    assert list(out["image_id"]) == ["a", "b", "c"] and len(out["image_uri"]) == 3
+    assert out["pixels"].shape == (3, size, size, 3) and out["pixels"].dtype == np.uint8
+    embedded = ImageEmbedder({"emb": (saved_moe, PLATFORMS)})(dict(out))
+    assert list(embedded["image_id"]) == ["a", "b", "c"] and "pixels" not in embedded
+    np.testing.assert_allclose(embedded["emb"], image_vectors(moe, out["pixels"], PLATFORMS), atol=1e-5)
+
+
+def test_uint8_pixels_normalised_on_the_device_match_the_host_path(moe):
+    """model_pixels copies uint8 and normalises where the model is; the values are the host conversion's."""
+    from geoloc_ray.embedding import model_pixels
+    from geoloc_ray.model import image_preprocess
+
+    size = image_preprocess(moe).size
+    pixels = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    on_device = model_pixels(moe, pixels)
+    host = image_preprocess(moe)(pixels)
+    assert on_device.device == moe.device and on_device.dtype == torch.float32
+    torch.testing.assert_close(on_device, host)
+
+
+def test_text_embedder_batches_by_the_config_key(saved_moe, moe, monkeypatch):
+    """`index.text_batch_size` reaches the trunk calls (was a hard-coded 256)."""
+    from geoloc_ray import embedding
+    from geoloc_ray.config import IndexConfig
+
+    assert IndexConfig(text_batch_size=3).text_batch_size == 3
+    calls = []
+    real = embedding.query_vectors
+    monkeypatch.setattr(embedding, "query_vectors",
+                        lambda *a, **k: calls.append(k["batch_size"]) or real(*a, **k))
+    embedder = embedding.TextEmbedder({p: (saved_moe, p) for p in PLATFORMS}, batch_size=2)
+    out = embedder({"query": np.array(TEXTS), "platform": np.array(["drone"] * len(TEXTS))})
+    assert calls == [2] and out["embedding"].shape == (len(TEXTS), moe.model_cfg.embed_dim)
+    expected = real(moe, TEXTS, ["drone"], weights=None).vectors
+    np.testing.assert_allclose(out["embedding"], expected, atol=1e-5)

@@ -25,8 +25,8 @@ SIZES = {"model.image.model_name", "model.image.image_size", "model.embed_dim", 
          "train.stage2.epochs", "train.gate.epochs", "train.gate_fused.epochs",
          "train.stage1.min_steps", "train.stage2.min_steps", "train.stage2.batch_size", "train.stage2.grad_cache_chunk",
          "refine.max_new_tokens", "refine.actors.batch_size", "refine.actors.num_cpus", "refine.vllm.concurrency",
-         "refine.vllm.batch_size", "refine.vllm.max_model_len", "index.actors.batch_size", "index.actors.count",
-         "index.actors.num_cpus", "serve.num_cpus", "serve.replicas.encoder", "serve.replicas.expert",
+         "refine.vllm.batch_size", "refine.vllm.max_model_len", "index.actors.batch_size", "index.text_batch_size",
+         "index.actors.count", "index.actors.num_cpus", "serve.num_cpus", "serve.replicas.encoder", "serve.replicas.expert",
          "serve.replicas.shard"}
 
 

@@ -43,7 +43,7 @@ def _worker_pids() -> list[int]:
 def _checkpoints(root) -> list[str]:
     found = []
     for dirpath, _, filenames in os.walk(root):
-        if os.path.basename(dirpath).startswith("checkpoint") and "manifest.json" in filenames:
+        if os.path.basename(dirpath).startswith("checkpoint") and "train_state.json" in filenames:
             found.append(dirpath)
     return found
 

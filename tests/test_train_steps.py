@@ -257,3 +257,31 @@ def test_a_worker_uses_the_cpus_it_was_given_rounded_not_truncated():
     assert [worker_threads(cfg, c) for c in (1.8, 0.6, 0.3, 8.0)] == [2, 1, 1, 8]
     assert worker_threads(cfg, None) == round(cfg.train.cpus_per_worker)
     assert worker_threads(config_from_dict({"train": {"torch_threads": 3}}), 1.8) == 3
+
+
+@pytest.mark.parametrize("composition", ["features", "tokens"])
+def test_frozen_trunks_in_bf16_leave_the_trained_parts_in_fp32_and_train_them(demo, tmp_path, composition):
+    """A GPU worker under `train.bf16` casts its frozen trunks to bf16 (here on the CPU, under CPU autocast): the
+    head keeps fp32 weights and trains, the trunks stay as they were, and the epoch's metrics come back as floats."""
+    from geoloc_ray.train.loop import frozen_trunks_in_bf16
+
+    cfg, model = demo
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"bf16": True, "text_composition": composition})})
+    save_model(model, str(tmp_path / "init"), cfg)
+    job = JobSpec(name="pairs", kind="pairs", head="drone", init=str(tmp_path / "init"), epochs=1, lr=1e-3,
+                  steps_per_epoch=3)
+    model = _init_model(cfg, job)
+    assert frozen_trunks_in_bf16(model) == ["text_trunk", "image_trunk"]
+    assert {p.dtype for p in model.text_trunk.parameters()} | {p.dtype for p in model.image_trunk.parameters()} == {
+        torch.bfloat16}
+    assert {p.dtype for p in model.trainable_parameters()} == {torch.float32}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer, scheduler = make_optimizer(model, job, cfg)
+    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    steps, totals = run_epoch(ctx, 0, optimizer, scheduler)
+    assert steps == 3 and isinstance(totals["loss"], float) and np.isfinite(totals["loss"]) and 0 <= totals["acc"] <= 3
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("heads.drone.") for n in changed)
+
+    stage0 = JobSpec(name="s0", kind="pairs", head="unified", image_trunk=True)
+    assert frozen_trunks_in_bf16(_init_model(cfg, stage0)) == ["text_trunk"]  # a trunk that trains stays fp32

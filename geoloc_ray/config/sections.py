@@ -133,12 +133,16 @@ class IndexConfig(ConfigModel):
     hnsw_m: int = Field(32, ge=4)
     ef_search: int = Field(64, ge=1)
     actors: ActorPool = Field(default_factory=ActorPool)  # the embedding actors (mining, index, eval)
+    # Queries per text-embedding batch (mining's queries through each expert's text trunk): the Ray Data batch and
+    # the trunk call. Was 256 in code; a GPU encoding BGE-M3 queries of <= 128 tokens wants more.
+    text_batch_size: int = Field(256, ge=1)
     # On a GPU actor (the device Ray gave it): bf16 autocast and torch.compile of the image trunk and heads.
     # A CPU actor ignores both and computes in fp32, as the embedding always did.
     bf16: bool = True
     compile: bool = False
     torch_threads: int = Field(1, ge=1)  # per CPU actor
-    decode_threads: int = Field(4, ge=1)  # image decoding threads beside each actor's model
+    # Decoding threads of an actor given image URIs directly (embedding_dataset decodes in CPU tasks before it).
+    decode_threads: int = Field(4, ge=1)
     train_sample: int = Field(200_000, ge=1)  # IVF/PQ training: at most this many gallery vectors
     build_num_cpus: float = Field(0.5, gt=0)  # per shard-building Ray task
 

@@ -4,6 +4,10 @@ The frozen pretrained text trunk is not duplicated in every checkpoint (BGE-M3's
 references its source (the config's text tower) and a sha256 of its tensors, and loading rebuilds it from the
 source through the factory and refuses a trunk whose tensors differ. Everything else (image trunk, heads, gate)
 is stored. `model_version` is derived from the weights' sha256 (and the text trunk's, when referenced).
+
+A training job's epoch checkpoints (`save_trained` / `load_trained`) hold less: only the components the job
+trains, naming everything else (both trunks, the other heads) by one hash, so a resumed worker rebuilds those as
+the job started and refuses a different trunk. The model a fit exports is complete (`save_model`).
 """
 
 from __future__ import annotations
@@ -218,6 +222,63 @@ def load_head(uri: str, name: str, device: str | torch.device = "cpu") -> Expert
 def _same_image_trunk(a: GeoLocModel, b: GeoLocModel) -> bool:
     sa, sb = a.image_trunk.state_dict(), b.image_trunk.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].device)) for k in sa)
+
+
+# ----- epoch checkpoints: the trained parts only ---------------------------------------------------------------
+TRAINED_FILE = "trained.safetensors"
+
+
+def trained_components(model: GeoLocModel) -> list[str]:
+    """The components that learn in this job (a head, the gate, the image trunk in stage 0), by state-dict prefix."""
+    return [name for name, module in model.components() if any(p.requires_grad for p in module.parameters())]
+
+
+def _component_state(model: GeoLocModel, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    modules = dict(model.components())
+    return {f"{name}.{k}": t for name in names for k, t in modules[name].state_dict().items()}
+
+
+def frozen_sha256(model: GeoLocModel) -> str:
+    """Content hash of everything that does not train (the trunks, the other heads): what an epoch checkpoint
+    names instead of storing. Take it before a GPU worker casts its frozen trunks to bf16."""
+    trained = set(trained_components(model))
+    return tensors_sha256(_component_state(model, [n for n, _ in model.components() if n not in trained]))
+
+
+def save_trained(model: GeoLocModel, folder: str, frozen_sha: str | None = None) -> dict[str, Any]:
+    """Write the trained components' weights (fp32 as trained) to `folder`; the returned record (for the caller's
+    state file) names them and the frozen rest by `frozen_sha` (computed here when not given)."""
+    from safetensors.torch import save
+
+    names = trained_components(model)
+    state = {k: t.detach().to("cpu").contiguous() for k, t in _component_state(model, names).items()}
+    data = save(state, metadata={"format": "pt"})
+    io.makedirs(folder)
+    io.write_bytes(io.join(folder, TRAINED_FILE), data)
+    return {"trained": names, "sha256": hashlib.sha256(data).hexdigest(),
+            "frozen_sha256": frozen_sha if frozen_sha is not None else frozen_sha256(model)}
+
+
+def load_trained(model: GeoLocModel, folder: str, record: dict[str, Any], frozen_sha: str | None = None) -> None:
+    """Fill the trained components of `model` (rebuilt as the job starts: from its init checkpoint, or fresh) from
+    `save_trained`'s folder; refuses when the model's frozen parts are not the ones the checkpoint trained against
+    (another trunk, another init, other pretrained weights), or the files are not the record's."""
+    from safetensors.torch import load
+
+    got = frozen_sha if frozen_sha is not None else frozen_sha256(model)
+    if got != record["frozen_sha256"]:
+        raise ChecksumError(f"{folder}: trained against frozen weights {record['frozen_sha256'][:12]}.., but this "
+                            f"model's are {got[:12]}..: it cannot resume onto a different trunk")
+    data = io.read_bytes(io.join(folder, TRAINED_FILE))
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise ChecksumError(f"{folder}: {TRAINED_FILE} is not the one its state file names")
+    state = load(data)
+    expected = _component_state(model, record["trained"])
+    if state.keys() != expected.keys():
+        raise ValueError(f"{folder}: stored parts {sorted(state)[:5]} do not fit this model's {sorted(expected)[:5]}")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            expected[name].copy_(tensor)
 
 
 def assemble_moe(expert_uris: Sequence[str], gate_uri: str, out_uri: str, cfg: Config | None = None,

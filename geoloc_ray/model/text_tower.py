@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from geoloc_ray.config import TextTowerConfig
+from geoloc_ray.devices import to_device
 from geoloc_ray.model.outputs import TextTrunkOutput
 
 # Architectures we know by name, so the production model can be checked on the `meta` device with no
@@ -189,4 +190,5 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int, device: str | to
     enc = tokenizer(
         list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
     )
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    # pinned and non-blocking on CUDA: a plain copy of host memory would wait for the GPU's queued work
+    return {k: to_device(v, device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from geoloc_ray.devices import to_device
+
 _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -42,14 +44,17 @@ class ImagePreprocess:
         )
 
     def to_unit(self, images: Any) -> torch.Tensor:
-        """uint8 (N, H, W, 3) array / list of HWC arrays or PIL images / float NCHW -> float NCHW in [0, 1] at size."""
+        """uint8 (N, H, W, 3) array or tensor (any device) / list of HWC arrays or PIL images / float NCHW -> float NCHW
+        in [0, 1] at size, on the input's device."""
         if isinstance(images, torch.Tensor) and images.dtype != torch.uint8:
             x = images.float()
         else:
             if not isinstance(images, (np.ndarray, torch.Tensor)):
                 return torch.cat([self.to_unit(np.asarray(img)[None]) for img in images]) if len(images) else (
                     torch.zeros(0, 3, self.size, self.size))
-            arr = torch.as_tensor(np.ascontiguousarray(images))
+            # A uint8 tensor may already be on the GPU (the embedding actors and train steps copy uint8 across
+            # and normalise there: a quarter of float32's bytes over PCIe, and no CPU time on the conversion).
+            arr = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.ascontiguousarray(images))
             x = arr.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[1] != 3:
             raise ValueError(f"expected RGB images with 3 channels, got shape {tuple(x.shape)}")
@@ -69,10 +74,11 @@ class ImagePreprocess:
         """Model input (N, 3, size, size); `augment` (e.g. SatelliteAugment) runs on the masked images only."""
         x = self.to_unit(images)
         if augment is not None:
-            mask = torch.ones(len(x), dtype=torch.bool) if augment_mask is None else torch.as_tensor(
-                np.asarray(augment_mask, dtype=bool))
-            if bool(mask.any()):
-                x[mask] = augment(x[mask])
+            # row indices from the host mask: a boolean index on a GPU tensor would wait for the GPU to count it
+            rows = np.arange(len(x)) if augment_mask is None else np.flatnonzero(np.asarray(augment_mask, dtype=bool))
+            if len(rows):
+                index = to_device(torch.as_tensor(rows), x.device)
+                x[index] = augment(x[index])
         return self.normalize(x)
 
 

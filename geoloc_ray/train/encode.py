@@ -1,6 +1,9 @@
 """The encoders a train step calls, over a worker's `StepContext`: the frozen trunk (no activations kept, its
 outputs cached per statement) and the trainable head, under bf16 autocast where configured.
 
+Host data crosses to a GPU through `devices.to_device` (pinned, non-blocking): a plain `.to("cuda")` of host memory
+waits for the GPU to finish its queued work first. Images cross as uint8 and are augmented and normalised there.
+
 torch is imported inside the functions: the recipe imports this module (through `kinds` and `steps`) at CLI start.
 """
 
@@ -11,6 +14,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from geoloc_ray.devices import to_device
 
 if TYPE_CHECKING:
     import torch
@@ -30,10 +35,17 @@ def autocast(ctx: StepContext):
     return torch.autocast(torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=ctx.cfg.train.bf16)
 
 
+def uint8_on_device(ctx: StepContext, images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images on the worker's device (a quarter of float32's bytes over PCIe)."""
+    import torch
+
+    return to_device(torch.from_numpy(np.ascontiguousarray(images)), ctx.device)
+
+
 def pixels(ctx: StepContext, images: np.ndarray, platforms: np.ndarray) -> torch.Tensor:
-    """Model input; satellite images (only) get the report's augmentation, anew every step."""
+    """Model input, made on the device; satellite images (only) get the report's augmentation, anew every step."""
     mask = np.asarray(platforms) == "satellite"
-    return ctx.preprocess(images, augment=ctx.augment, augment_mask=mask).to(ctx.device)
+    return ctx.preprocess(uint8_on_device(ctx, images), augment=ctx.augment, augment_mask=mask)
 
 
 def image(ctx: StepContext, x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +66,7 @@ def image_stages(ctx: StepContext) -> tuple[Callable[[torch.Tensor], Any], Calla
     import torch
 
     def constant(x: torch.Tensor) -> Any:
-        x = x.to(ctx.device)
+        x = to_device(x, ctx.device)
         if ctx.job.image_trunk:
             return x
         with torch.no_grad(), autocast(ctx):
@@ -69,14 +81,27 @@ def image_stages(ctx: StepContext) -> tuple[Callable[[torch.Tensor], Any], Calla
 
 
 def query_text(ctx: StepContext, texts: list[str]) -> torch.Tensor:
-    """Whole texts through the frozen trunk (no activations kept) and the head, its layers by length (`tail`)."""
+    """Whole texts through the frozen trunk (no activations kept) and the head, its layers by length (`tail`).
+    Tokenised on the host, so each text's length is known there (split on the device's mask would wait for it)."""
     import torch
     import torch.nn.functional as F
 
+    from geoloc_ray.model.text_tower import tokenize
+
+    tokens = tokenize(ctx.model.tokenizer, texts, ctx.model.model_cfg.text.max_length, "cpu")
+    lengths = tokens["attention_mask"].sum(dim=1).tolist()
     with torch.no_grad():
-        trunk = ctx.model.text_trunk_output(texts)
+        trunk = ctx.model.text_trunk_output({k: to_device(v, ctx.device) for k, v in tokens.items()})
     head = ctx.model.heads[ctx.job.head].text
-    return F.normalize(head.proj(tail(ctx, head, trunk.split())), dim=-1)
+    return F.normalize(head.proj(tail(ctx, head, split(trunk, lengths))), dim=-1)
+
+
+def split(trunk, lengths: list[int]) -> list:
+    """`TextTrunkOutput.split` with the lengths known on the host."""
+    from geoloc_ray.model import TextTrunkOutput
+
+    return [TextTrunkOutput(trunk.hidden[i : i + 1, :n], trunk.attention_mask[i : i + 1, :n], trunk.pooled[i : i + 1])
+            for i, n in enumerate(lengths)]
 
 
 def tail(ctx: StepContext, head, parts: list) -> torch.Tensor:
@@ -90,11 +115,17 @@ def tail(ctx: StepContext, head, parts: list) -> torch.Tensor:
     from geoloc_ray.model import TextTrunkOutput
 
     order = sorted(range(len(parts)), key=lambda i: parts[i].hidden.shape[1])  # trimmed: no GPU sync per text
+    chunks = [TextTrunkOutput.cat([parts[i] for i in order[s : s + TAIL_CHUNK]]) for s in range(0, len(order), TAIL_CHUNK)]
     with autocast(ctx):
-        pooled = torch.cat([head.tail(TextTrunkOutput.cat([parts[i] for i in order[s : s + TAIL_CHUNK]])
-                                      .to(ctx.device)).float()
-                            for s in range(0, len(order), TAIL_CHUNK)])
-    return pooled[torch.as_tensor(order, device=pooled.device).argsort()]
+        pooled = torch.cat([head.tail(_on_device(ctx, chunk)).float() for chunk in chunks])
+    return pooled[to_device(torch.as_tensor(order).argsort(), pooled.device)]
+
+
+def _on_device(ctx: StepContext, trunk):
+    """A trunk output (cached on the host, or already on the device) on the worker's device."""
+    from dataclasses import fields, replace
+
+    return replace(trunk, **{f.name: to_device(getattr(trunk, f.name), ctx.device) for f in fields(trunk)})
 
 
 def trunk_outputs(ctx: StepContext, statements: list[str]) -> list:
@@ -155,7 +186,7 @@ def statement_text(ctx: StepContext, groups: list[list[str]]) -> torch.Tensor:
         unique = sorted(trunk)
         features = dict(zip(unique, tail(ctx, head, [trunk[s] for s in unique]), strict=True))
     else:
-        features = {s: f.to(ctx.device) for s, f in cached(ctx, groups, tail_features).items()}
+        features = {s: to_device(f, ctx.device) for s, f in cached(ctx, groups, tail_features).items()}
     return F.normalize(head.proj(group_mean(features, groups)), dim=-1)
 
 
@@ -166,7 +197,7 @@ def expert_gallery(ctx: StepContext, images: np.ndarray) -> list[torch.Tensor]:
     parts: list[list[torch.Tensor]] = [[] for _ in ctx.model.platforms]
     with torch.no_grad(), autocast(ctx):
         for i in range(0, len(images), GALLERY_BATCH):
-            trunk = ctx.model.image_trunk_output(ctx.preprocess(images[i : i + GALLERY_BATCH]).to(ctx.device))
+            trunk = ctx.model.image_trunk_output(ctx.preprocess(uint8_on_device(ctx, images[i : i + GALLERY_BATCH])))
             for k, name in enumerate(ctx.model.platforms):
                 parts[k].append(ctx.model.image_head(name, trunk).float())
     empty = torch.zeros(0, ctx.model.model_cfg.embed_dim, device=ctx.device)

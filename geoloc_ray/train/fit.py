@@ -114,14 +114,15 @@ def make_trainer(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: flo
 
 def _fit_and_export(cfg: Config, job: JobSpec, dataset, num_workers: int, cpus: float, run_name: str,
                     out_uri: str, extra: dict[str, Any]) -> FitResult:
-    from geoloc_ray.model import load_model, save_model
+    from geoloc_ray.model import save_model
+    from geoloc_ray.train.loop import restore
 
     result = make_trainer(cfg, job, dataset, num_workers, cpus, run_name).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training job {job.name!r} reported no checkpoint (0 epochs?)")
     with result.checkpoint.as_directory() as d:
-        model = load_model(d)
-    training = (model.manifest or {}).get("extra", {}).get("training", {})  # world size, a node id per worker
+        model, state = restore(d, cfg)  # the job's starting model + the trained parts: the whole model
+    training = state.get("training", {})  # world size, a node id per worker
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))}
     save_model(model, out_uri, cfg, extra={"job": job.to_dict(), "metrics": metrics, "run": run_name,
                                            "training": training, **extra})

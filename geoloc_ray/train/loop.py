@@ -111,9 +111,14 @@ def make_optimizer(model, job: JobSpec, cfg: Config):
 
 
 def on_device(model, job: JobSpec, cfg: Config, device, opt_state: dict | None = None) -> tuple[Any, Any]:
-    """Move the model to `device`, then build its optimizer and schedule, then restore their state: loaded after
-    the move, AdamW's moments land on the parameters' device (a CUDA resume mixes nothing)."""
+    """Move the model to `device` (on CUDA under `train.bf16`, its frozen trunks in bf16), then build its optimizer
+    and schedule, then restore their state: loaded after the move, AdamW's moments land on the parameters' device
+    (a CUDA resume mixes nothing)."""
+    import torch
+
     model.to(device)
+    if torch.device(device).type == "cuda" and cfg.train.bf16:
+        frozen_trunks_in_bf16(model)
     optimizer, scheduler = make_optimizer(model, job, cfg)
     if opt_state is not None:
         optimizer.load_state_dict(opt_state["optimizer"])
@@ -128,64 +133,105 @@ def _rows(batch: dict[str, Any]) -> int:
 def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler) -> tuple[int, dict[str, float]]:
     """One epoch of steps; (steps, summed loss and batch accuracy). The benchmark times this very function.
 
-    Every worker takes the same number of steps (`parallel.agreed`); with several, the loss runs through DDP.
+    Every worker takes the same number of steps (`parallel.agreed`, agreed once per `train.report_every_steps`);
+    with several, the loss runs through DDP. No step waits on the host: the loss and accuracy are summed on the
+    device and read at the end of the epoch (and at each agreement in a long epoch, where the workers meet anyway).
     """
-    from geoloc_ray.train.parallel import agreed
+    import torch
+
+    from geoloc_ray.train.parallel import agreed, world
 
     kind = kind_of(ctx.job.kind)
-    totals = {"loss": 0.0, "acc": 0.0}
+    every = ctx.cfg.train.report_every_steps
+    totals = None  # (summed loss, summed accuracy) on the device
     n_steps = 0
-    for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device):
+    for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device, every):
         ctx.sizes = sizes
         optimizer.zero_grad(set_to_none=True)
         loss, acc = kind.run_step(ctx, batch)  # forward and backward (one or several, `grad_cache`)
         optimizer.step()
         scheduler.step()
-        totals["loss"] += float(loss.detach())
-        totals["acc"] += acc
+        loss = loss.detach().float().reshape(())
+        step = torch.stack([loss, torch.as_tensor(acc, dtype=torch.float32, device=loss.device).reshape(())])
+        totals = step if totals is None else totals + step
         n_steps += 1
-    return n_steps, totals
+        if n_steps % every == 0 and ctx.job.steps_per_epoch > every and world()[0] == 0:
+            loss_sum, acc_sum = totals.tolist()
+            print(f"[{ctx.job.name}] epoch {epoch + 1} step {n_steps}/{ctx.job.steps_per_epoch} "
+                  f"loss {loss_sum / n_steps:.4f} acc {acc_sum / n_steps:.3f}", flush=True)
+    loss_sum, acc_sum = totals.tolist() if totals is not None else (0.0, 0.0)
+    return n_steps, {"loss": loss_sum, "acc": acc_sum}
+
+
+def frozen_trunks_in_bf16(model) -> list[str]:
+    """Cast the trunks that do not train to bf16 (on a GPU worker under `train.bf16`): autocast ran their matmuls
+    in bf16 already, but cast the fp32 weights at every call and kept twice their bytes; the heads, the gate and a
+    trained trunk keep fp32 weights for AdamW. Returns the names cast."""
+    import torch
+
+    cast = []
+    for name, module in (("text_trunk", model.text_trunk), ("image_trunk", model.image_trunk)):
+        if not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+            cast.append(name)
+    return cast
 
 
 def write_checkpoint(folder: str, model, optimizer, scheduler, cfg: Config, job: JobSpec, epoch: int,
-                     training: dict[str, Any] | None = None) -> None:
-    """Weights as safetensors (+ manifest with the job, epoch and where it trained), optimizer, schedule, epoch."""
+                     training: dict[str, Any] | None = None, frozen_sha: str | None = None) -> None:
+    """The epoch's checkpoint: the trained parts' weights (the frozen trunks named by `frozen_sha`, their hash as
+    the job started; computed now when not given), optimizer, schedule, epoch, job and where it trained. A fit
+    exports the whole model from it (`restore`)."""
     import torch
 
-    from geoloc_ray.model import save_model
+    from geoloc_ray.model.checkpoint import save_trained
 
-    save_model(model, folder, cfg, extra={"job": job.to_dict(), "epoch": epoch, "training": training or {}})
+    record = save_trained(model, folder, frozen_sha)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                os.path.join(folder, OPTIMIZER_FILE))
     with open(os.path.join(folder, STATE_FILE), "w") as f:
-        json.dump({"epoch": epoch, "job": job.to_dict()}, f)
+        json.dump({"epoch": epoch, "job": job.to_dict(), "training": training or {}, **record}, f)
 
 
-def read_checkpoint(folder: str) -> tuple[Any, dict, int]:
-    """(model on the CPU, optimizer + schedule state, first epoch to run) from `write_checkpoint`'s folder."""
+def read_checkpoint(folder: str, model, frozen_sha: str | None = None) -> tuple[dict, int, dict[str, Any]]:
+    """Load `write_checkpoint`'s trained parts into `model` (built as the job starts, `_init_model`, on the CPU);
+    (optimizer + schedule state, first epoch to run, the state file). Refuses frozen parts other than the ones it
+    trained against."""
     import torch
 
-    from geoloc_ray.model import load_model
+    from geoloc_ray.model.checkpoint import load_trained
 
-    model = load_model(folder)
     state = json.loads(open(os.path.join(folder, STATE_FILE)).read())
+    if "frozen_sha256" not in state:
+        raise ValueError(f"{folder}: a whole-model checkpoint from before epoch checkpoints held only the trained "
+                         "parts; resume it with the code that wrote it, or start the fit anew (a new artifacts URI)")
+    load_trained(model, folder, state, frozen_sha)
     opt_state = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True, map_location="cpu")
-    return model, opt_state, int(state["epoch"]) + 1
+    return opt_state, int(state["epoch"]) + 1, state
 
 
-def _restore() -> tuple[Any, dict | None, int]:
-    """(model, optimizer state, first epoch) from the last reported checkpoint, or (None, None, 0)."""
+def restore(folder: str, cfg: Config) -> tuple[Any, dict[str, Any]]:
+    """The whole trained model (on the CPU) from an epoch checkpoint, and its state file: what a fit exports."""
+    state = json.loads(open(os.path.join(folder, STATE_FILE)).read())
+    model = _init_model(cfg, JobSpec(**state["job"]))
+    read_checkpoint(folder, model)
+    return model, state
+
+
+def _restore(model, frozen_sha: str) -> tuple[dict | None, int]:
+    """(optimizer state, first epoch) after loading the last reported checkpoint into `model`, or (None, 0)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None, None, 0
+        return None, 0
     with checkpoint.as_directory() as d:
-        return read_checkpoint(d)
+        opt_state, start, _ = read_checkpoint(d, model, frozen_sha)
+        return opt_state, start
 
 
 def _report(model, optimizer, scheduler, cfg: Config, job: JobSpec, metrics: dict[str, Any],
-            training: dict[str, Any]) -> None:
+            training: dict[str, Any], frozen_sha: str) -> None:
     """Every rank reports; rank 0 attaches the checkpoint."""
     import ray.train
 
@@ -193,7 +239,7 @@ def _report(model, optimizer, scheduler, cfg: Config, job: JobSpec, metrics: dic
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
-        write_checkpoint(d, model, optimizer, scheduler, cfg, job, metrics["epoch"], training)
+        write_checkpoint(d, model, optimizer, scheduler, cfg, job, metrics["epoch"], training, frozen_sha)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -221,6 +267,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from geoloc_ray.devices import resolve_device
+    from geoloc_ray.model.checkpoint import frozen_sha256
     from geoloc_ray.runtime import use_storage
     from geoloc_ray.train.parallel import data_parallel
 
@@ -230,12 +277,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(worker_threads(cfg, config.get("cpus")))
     torch.manual_seed(job.seed)  # the same fresh parts on every worker (DDP then broadcasts rank 0's anyway)
-    model, opt_state, start_epoch = _restore()
-    if model is None:
-        model = _init_model(cfg, job)
-    else:
+    model = _init_model(cfg, job)
+    frozen_sha = frozen_sha256(model)  # on the CPU in fp32, before any move or cast: what checkpoints name
+    opt_state, start_epoch = _restore(model, frozen_sha)
+    if start_epoch:
         print(f"[{job.name}] resuming from the checkpoint of epoch {start_epoch - 1}", flush=True)
-        _set_trainable(model, job)
     torch.manual_seed(job.seed + rank)
     rng = np.random.default_rng(job.seed + 1000 * rank)
     # The GPU Ray Train gave this worker, unless `device: cpu` (GPU requests kept, computing on the CPU).
@@ -264,6 +310,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   f"acc {metrics['batch_acc']:.3f} ({n_steps} steps, {metrics['epoch_s']:.1f}s)", flush=True)
         last = epoch == job.epochs - 1
         if last or (epoch + 1) % cfg.train.checkpoint_every_epochs == 0:
-            _report(model, optimizer, scheduler, cfg, job, metrics, training)
+            _report(model, optimizer, scheduler, cfg, job, metrics, training, frozen_sha)
         elif (epoch + 1) % report_every == 0:
             ray.train.report(metrics)

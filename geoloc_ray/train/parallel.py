@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import torch
@@ -35,21 +36,38 @@ def step_sizes(rows: int, device: Any = "cpu") -> list[int]:
     return [int(x) for x in out]
 
 
-def agreed(batches: Iterator[Any], rows: Callable[[Any], int], device: Any) -> Iterator[tuple[Any, list[int] | None]]:
+def window_sizes(rows: list[int], window: int, device: Any = "cpu") -> list[list[int]]:
+    """Every worker's row counts of its next `window` batches (0 past its last), in rank order: one all-gather."""
+    mine = torch.zeros(window, dtype=torch.long)
+    mine[: len(rows)] = torch.as_tensor(rows, dtype=torch.long)
+    mine = mine.to(_wire(device))
+    out = [torch.zeros_like(mine) for _ in range(world()[1])]
+    dist.all_gather(out, mine)
+    return torch.stack(out).tolist()
+
+
+def agreed(batches: Iterator[Any], rows: Callable[[Any], int], device: Any, window: int = 1
+           ) -> Iterator[tuple[Any, list[int] | None]]:
     """(batch, every worker's rows) while EVERY worker still has a batch. Shards may differ by a few rows (a
     filter, a ragged split): a worker with more steps would wait forever in the next all-reduce, so it drops the
-    rest of its epoch instead. One worker: the batches as they come, sizes None."""
+    rest of its epoch instead. The workers agree once per `window` steps, not per step: each reads up to `window`
+    batches ahead, and one all-gather of their row counts says how many steps all of them take and every step's
+    sizes (the gathered contrastive loss needs them), so no step waits on the host. The price is `window` batches
+    held in host memory (production: 20 x 128 images at 384 px, ~1.1 GB per worker). One worker: the batches as
+    they come, sizes None."""
     if world()[1] == 1:
         for batch in batches:
             yield batch, None
         return
     it = iter(batches)
     while True:
-        batch = next(it, None)
-        sizes = step_sizes(0 if batch is None else rows(batch), device)
-        if min(sizes) == 0:
+        ahead = list(islice(it, window))
+        counts = window_sizes([rows(b) for b in ahead], window, device)
+        steps = min(sum(1 for n in worker if n > 0) for worker in counts)
+        for i in range(steps):
+            yield ahead[i], [worker[i] for worker in counts]
+        if steps < window:
             return
-        yield batch, sizes
 
 
 def gather_rows(x: torch.Tensor, sizes: list[int] | None = None, grad: bool = False) -> torch.Tensor:

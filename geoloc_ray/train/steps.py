@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from geoloc_ray.config import Config
+from geoloc_ray.devices import to_device
 from geoloc_ray.train import encode as enc
 from geoloc_ray.train import shards
 from geoloc_ray.train.cache import TrunkCache
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
     from geoloc_ray.train.batches import TextSampler
     from geoloc_ray.train.loop import JobSpec
 
-Loss = tuple["torch.Tensor", float]  # (loss to minimise, batch accuracy for the log)
+# (loss to minimise, batch accuracy for the log): both tensors on the worker's device, read by the loop only every
+# `train.report_every_steps` (a float here would wait for the GPU at every step)
+Loss = tuple["torch.Tensor", "torch.Tensor"]
 
 
 @dataclass
@@ -136,12 +139,12 @@ def _row_batches(ctx: StepContext) -> Iterator[dict[str, np.ndarray]]:
         yield {"rows": idx}
 
 
-def _accuracy(text: torch.Tensor, image: torch.Tensor) -> float:
+def _accuracy(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     import torch
 
     with torch.no_grad():
         hits = (text @ image[: len(text)].T).argmax(1).eq(torch.arange(len(text), device=text.device))
-        return float(hits.float().mean())
+        return hits.float().mean()
 
 
 def _contrastive(ctx: StepContext, t: torch.Tensor, v: torch.Tensor, location_ids,
@@ -152,7 +155,7 @@ def _contrastive(ctx: StepContext, t: torch.Tensor, v: torch.Tensor, location_id
     from geoloc_ray.train.batches import location_keys
     from geoloc_ray.train.losses import GlobalBatch, info_nce
 
-    keys = [k.to(ctx.device) for k in location_keys(location_ids, *([] if hard is None else [hard_ids]))]
+    keys = [to_device(k, ctx.device) for k in location_keys(location_ids, *([] if hard is None else [hard_ids]))]
     locs, hard_locs = keys[0], (keys[1] if hard is not None else None)
     everyone = None
     if ctx.sizes is not None and ctx.cfg.train.global_negatives:
@@ -181,7 +184,7 @@ def _row_weights(ctx: StepContext, platforms) -> torch.Tensor | None:
     w = ctx.job.other_platform_weight
     if w is None:
         return None
-    own = torch.as_tensor(np.asarray(platforms) == ctx.job.head, device=ctx.device)
+    own = to_device(torch.as_tensor(np.asarray(platforms) == ctx.job.head), ctx.device)
     return torch.where(own, 1.0, float(w))
 
 
@@ -270,10 +273,10 @@ def platform_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
 
     idx = batch["rows"]
     groups = ctx.sampler.statements(ctx.rows["texts"][idx])
-    x = enc.group_mean(enc.cached(ctx, groups, enc.trunk_features), groups).to(ctx.device)
-    y = torch.as_tensor([ctx.model.platforms.index(p) for p in ctx.rows["platform"][idx]], device=ctx.device)
+    x = to_device(enc.group_mean(enc.cached(ctx, groups, enc.trunk_features), groups), ctx.device)
+    y = to_device(torch.as_tensor([ctx.model.platforms.index(p) for p in ctx.rows["platform"][idx]]), ctx.device)
     logits = ctx.model.gate.logits(x)
-    return gate_loss(logits, y), float(logits.argmax(1).eq(y).float().mean())
+    return gate_loss(logits, y), logits.detach().argmax(1).eq(y).float().mean()
 
 
 def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
@@ -286,15 +289,15 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
     idx = batch["rows"]
     groups = ctx.sampler.statements(ctx.rows["texts"][idx])
     features = enc.cached(ctx, groups, enc.fused_features)
-    x = enc.group_mean({s: f[0] for s, f in features.items()}, groups).to(ctx.device)
+    x = to_device(enc.group_mean({s: f[0] for s, f in features.items()}, groups), ctx.device)
     with torch.no_grad():
-        queries = [F.normalize(ctx.model.heads[name].text.proj(
-                       enc.group_mean({s: f[1][k] for s, f in features.items()}, groups).to(ctx.device)), dim=-1)
+        queries = [F.normalize(ctx.model.heads[name].text.proj(to_device(
+                       enc.group_mean({s: f[1][k] for s, f in features.items()}, groups), ctx.device)), dim=-1)
                    for k, name in enumerate(ctx.model.platforms)]
     per_expert = torch.stack([q @ g.T for q, g in zip(queries, ctx.gallery, strict=True)], dim=1)
     gate_logits = ctx.model.gate.logits(x)
     logits = fused_logits(gate_logits.softmax(-1), per_expert, ctx.cfg.train.temperature)
-    keys = torch.as_tensor(ctx.rows["location_keys"][idx], device=logits.device)
+    keys = to_device(torch.as_tensor(ctx.rows["location_keys"][idx]), logits.device)
     positives = keys[:, None] == ctx.gallery_keys[None]
     top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
     loss = multi_positive_nce(logits, positives)
@@ -302,4 +305,4 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
         with torch.no_grad():
             anchor = ctx.anchor_gate(x)
         loss = loss + ctx.cfg.train.gate_fused_anchor * gate_anchor(gate_logits, anchor)
-    return loss, float(top1)
+    return loss, top1
