@@ -24,6 +24,7 @@ PAIR_ID_COLUMNS = ["image_id", "image_uri", "platform", "location_id", "texts"] 
 TRIPLET_ID_COLUMNS = ["query", "image_uri", "location_id", "platform", "neg_uris", "neg_location_ids"]
 DECODE_CPUS = 0.5  # per decode task (fractional: a 2-CPU node runs the train worker and a decode task side by side)
 DECODED_BLOCK_BYTES = 64 * 2**20  # one decode task's output block: the unit the object store holds while streaming
+DECODE_BLOCK_MAX_ROWS = 1024  # small images: still several decode tasks over a dataset (Ray Data's old default batch)
 
 
 def _has_text(batch: dict[str, Any]) -> np.ndarray:
@@ -128,7 +129,7 @@ def decode_block_rows(images: int, size: int) -> int:
     """Rows per decode batch (and per ids block), so that a decoded block is about `DECODED_BLOCK_BYTES`: at 384 px
     ~150 pairs rows or ~30 mined rows (positive + 4 negatives). Small ids blocks also spread the decode over
     several tasks at once instead of one task walking a whole parquet file."""
-    return max(1, DECODED_BLOCK_BYTES // (images * size * size * 3))
+    return max(1, min(DECODE_BLOCK_MAX_ROWS, DECODED_BLOCK_BYTES // (images * size * size * 3)))
 
 
 def _ids(ds, rows_per_block: int):
