@@ -45,14 +45,22 @@ def test_every_production_fit_fits_with_headroom(production_plan):
     assert 70e6 < fits["drone-stage1"]["trainable_params"] < 85e6 and fits["gate"]["trainable_params"] < 1e6
 
 
-def test_object_store_bytes_per_row_follow_the_image_size_and_negatives(production_plan):
+def test_rows_are_ids_in_the_object_store_and_decode_to_the_image_size_and_negatives(production_plan):
+    from geoloc_ray.train.data import DECODED_BLOCK_BYTES
+
     rows = production_plan["rows"]
     assert set(rows) == {"stage0", "stage1", "stage2", "gate", "gate_fused"}
+    for stage in rows:  # ids (image URIs, statements) until the decode stage streams them to the workers
+        assert 0 < rows[stage]["object_store_bytes_per_row"] < 10_000, stage
+    assert rows["stage2"]["object_store_bytes_per_row"] < rows["stage1"]["object_store_bytes_per_row"]  # 1 statement
     pixels = 384 * 384 * 3
-    pairs, triplets = rows["stage1"]["object_store_bytes_per_row"], rows["stage2"]["object_store_bytes_per_row"]
+    pairs, triplets = rows["stage1"]["decoded_bytes_per_row"], rows["stage2"]["decoded_bytes_per_row"]
     assert pixels <= pairs < 1.1 * pixels  # a decoded image, plus its ids and statements
     assert 5 * pixels <= triplets < 5.5 * pixels  # the positive and 4 hard negatives (hard_negatives.per_query)
-    assert rows["gate"]["object_store_bytes_per_row"] < 10_000  # statements only
+    for stage in ("stage1", "stage2"):  # a streamed block is one decode task's output: bounded, not the dataset
+        block = rows[stage]
+        assert block["decode_block_rows"] >= 1 and block["decoded_block_bytes"] <= 1.05 * DECODED_BLOCK_BYTES
+    assert rows["gate"]["decoded_bytes_per_row"] == 0  # statements only
 
 
 def test_the_table_names_every_fit(production_plan):

@@ -1,7 +1,12 @@
-"""Training datasets as Ray Data pipelines: prepared/refined rows -> decoded pixels, sharded to train workers.
+"""Training datasets as Ray Data pipelines: prepared/refined/mined rows -> decoded pixels, sharded to train workers.
 
-Rows carry `pixels` (H, W, 3 uint8 at the tower's input size) so workers do no I/O; satellite augmentation
-is applied per step in the worker (it must differ every epoch).
+What the object store holds before a fit is the rows as ids (image URIs, statements: hundreds of bytes a row);
+the images are decoded in a Ray Data map stage on CPUs while the batches stream to the workers, a bounded
+window of decoded blocks at a time, never the whole dataset (at 384 px a mined row's positive and 4 negatives
+are ~2.2 MB: O(10^5) rows would be hundreds of GB). Decoded rows carry `pixels` (H, W, 3 uint8 at the tower's
+input size) so workers do no I/O; satellite augmentation is applied per step in the worker (it must differ every
+epoch). A corrupt image drops its row in the map stage (logged by `decode_pixels`); Ray Train's
+`streaming_split(equal=True)` splits after it, so every worker still gets the same number of rows.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from geoloc_ray import io
 from geoloc_ray.preprocess.images import decode_pixels
 
 PAIR_COLUMNS = ["image_id", "platform", "location_id", "texts", "pixels"]
+PAIR_ID_COLUMNS = ["image_id", "image_uri", "platform", "location_id", "texts"]  # what a pairs row is before decoding
+TRIPLET_ID_COLUMNS = ["query", "image_uri", "location_id", "platform", "neg_uris", "neg_location_ids"]
+DECODE_CPUS = 0.5  # per decode task (fractional: a 2-CPU node runs the train worker and a decode task side by side)
+DECODED_BLOCK_BYTES = 64 * 2**20  # one decode task's output block: the unit the object store holds while streaming
+DECODE_BLOCK_MAX_ROWS = 1024  # small images: still several decode tasks over a dataset (Ray Data's old default batch)
 
 
 def _has_text(batch: dict[str, Any]) -> np.ndarray:
@@ -99,23 +109,73 @@ def _only(ds, source: Source):
     return ds
 
 
-def pairs_dataset(source: Source, size: int, materialize: bool = True):
-    """Images + their texts for contrastive training (and the fused gate's held-out gallery)."""
-    ds = _only(io.read_dataset_parquet(source.uri), source)
-    ds = ds.map_batches(decode_batch, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"size": size, "storage": io.storage_options()})
-    return ds.materialize() if materialize else ds
+@dataclass(frozen=True)
+class TrainData:
+    """A fit's rows: the Ray Dataset handed to Ray Train (`datasets={"train": ...}`) and the count the driver
+    schedules by. `rows` is counted on the undecoded ids (decoding is never run for it); a corrupt image drops its
+    row later, so the workers may take a step fewer than scheduled (`parallel.agreed` ends the epoch for all)."""
+
+    dataset: Any
+    rows: int
+    ids: Any = None  # the materialised ids the decode streams from (None: the dataset is itself materialised)
 
 
-def texts_dataset(source: Source, size: int):
-    """Each image's statements and platform, for the gate: no pixels, so `size` is not used."""
-    ds = io.read_dataset_parquet(source.uri, columns=["texts", "platform", "location_id"])
-    return _only(ds, source).map_batches(with_text, batch_format="pyarrow", num_cpus=0.5).materialize()
+def images_per_row(kind: str, negatives: int = 0) -> int:
+    """Images one row decodes to: a pairs row its image, a mined row its positive and `negatives` negatives."""
+    return 1 + negatives if kind == "triplets" else 1
 
 
-def triplets_dataset(source: Source, size: int, materialize: bool = True):
-    """FlagEmbedding-style {query, pos, neg} records written by mining, with pixels attached."""
-    ds = _only(io.read_dataset_parquet(source.uri), source)
-    ds = ds.map_batches(decode_triplet_batch, batch_format="numpy", num_cpus=0.5,
-                        fn_kwargs={"size": size, "storage": io.storage_options()})
-    return ds.materialize() if materialize else ds
+def decode_block_rows(images: int, size: int) -> int:
+    """Rows per decode batch (and per ids block), so that a decoded block is about `DECODED_BLOCK_BYTES`: at 384 px
+    ~150 pairs rows or ~30 mined rows (positive + 4 negatives). Small ids blocks also spread the decode over
+    several tasks at once instead of one task walking a whole parquet file."""
+    return max(1, min(DECODE_BLOCK_MAX_ROWS, DECODED_BLOCK_BYTES // (images * size * size * 3)))
+
+
+def _ids(ds, rows_per_block: int):
+    """The undecoded rows in the object store, in blocks the decode map takes one at a time."""
+    return ds.repartition(target_num_rows_per_block=rows_per_block).materialize()
+
+
+def _decoded(ids, fn, size: int, rows_per_block: int, materialize: bool) -> TrainData:
+    ds = ids.map_batches(fn, batch_format="numpy", batch_size=rows_per_block, num_cpus=DECODE_CPUS,
+                         fn_kwargs={"size": size, "storage": io.storage_options()})
+    if materialize:  # every pixel in the object store before the fit (the behaviour before issue 21; benchmarks)
+        ds = ds.materialize()
+        return TrainData(ds, ds.count())
+    return TrainData(ds, ids.count(), ids)
+
+
+def pairs_dataset(source: Source, size: int, materialize: bool = False) -> TrainData:
+    """Images + their texts for contrastive training (and the fused gate's held-out gallery): ids in the object
+    store, pixels decoded as the batches stream. Rows without a statement are dropped before counting."""
+    ds = _only(io.read_dataset_parquet(source.uri).select_columns(PAIR_ID_COLUMNS), source)
+    rows_per_block = decode_block_rows(1, size)
+    ids = _ids(ds.map_batches(with_text, batch_format="pyarrow", num_cpus=DECODE_CPUS), rows_per_block)
+    return _decoded(ids, decode_batch, size, rows_per_block, materialize)
+
+
+def texts_dataset(source: Source, size: int) -> TrainData:
+    """Each image's statements and platform, for the gate: no pixels (so `size` is not used), materialised."""
+    ds = io.read_dataset_parquet(source.uri).select_columns(["texts", "platform", "location_id"])
+    ds = _only(ds, source).map_batches(with_text, batch_format="pyarrow", num_cpus=DECODE_CPUS).materialize()
+    return TrainData(ds, ds.count())
+
+
+def triplets_dataset(source: Source, size: int, materialize: bool = False) -> TrainData:
+    """FlagEmbedding-style {query, pos, neg} records written by mining: the mined rows (image URIs) in the object
+    store, the positive's and each hard negative's pixels decoded as the batches stream."""
+    ds = _only(io.read_dataset_parquet(source.uri).select_columns(TRIPLET_ID_COLUMNS), source)
+    rows_per_block = decode_block_rows(images_per_row("triplets", _negatives(source.uri)), size)
+    return _decoded(_ids(ds, rows_per_block), decode_triplet_batch, size, rows_per_block, materialize)
+
+
+def _negatives(uri: str) -> int:
+    """Hard negatives per mined row, from the parquet's first row (mining writes the same number in every row)."""
+    import pyarrow.parquet as pq
+
+    for fragment in pq.ParquetDataset(io.strip_protocol(uri), filesystem=io.filesystem(uri)).fragments:
+        table = fragment.head(1, columns=["neg_uris"])
+        if table.num_rows:
+            return len(table.column("neg_uris")[0].as_py())
+    return 0

@@ -9,6 +9,7 @@ from typing import Any
 
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
+from geoloc_ray.train.data import DECODE_CPUS
 from geoloc_ray.train.loop import JobSpec, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ def worker_resources(cfg: Config, concurrent_workers: int) -> dict[str, float]:
     """What each train worker asks of Ray: the config's request as written (an autoscaler brings nodes for it),
     checked against the node types that could ever hold it, so an impossible request fails now, not after a
     timeout. On a fixed instance with `train.fit_cpus_to_instance` (the local demo), the CPUs are shared out
-    among the workers of the fits that run at once, as the instance has no more to give."""
+    among the workers of the fits that run at once, as the instance has no more to give, less one decode task's
+    CPUs: the images are decoded by Ray Data tasks while the batches stream to the workers (`data.DECODE_CPUS`)."""
     import ray
 
     request = {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1.0} if cfg.train.use_gpu else {})}
@@ -75,7 +77,8 @@ def worker_resources(cfg: Config, concurrent_workers: int) -> dict[str, float]:
         node_types, what = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")], "node"
         if cfg.train.fit_cpus_to_instance:
             total = sum(n.get("CPU", 0.0) for n in node_types)
-            request["CPU"] = max(0.1, min(request["CPU"], 0.9 * total / max(concurrent_workers, 1)))
+            share = min(0.9 * total, total - DECODE_CPUS) / max(concurrent_workers, 1)
+            request["CPU"] = max(0.1, min(request["CPU"], share))
     problem = unsatisfiable(request, node_types, what) if node_types is not None else None
     if problem:
         raise ValueError(problem)

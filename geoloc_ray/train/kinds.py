@@ -18,7 +18,8 @@ class Kind:
     trains_gate: bool  # the gate learns; otherwise the job's head (and the image trunk when the job says so)
     fresh_gate: bool  # add a new gate to the starting model (the platform gate learns from scratch)
     all_heads: bool  # keep every head of the starting model (the fused loss scores through all experts)
-    dataset: Callable[[data.Source, int], Any]  # driver: (rows, image size) -> the Ray Dataset sharded to workers
+    # driver: (rows, image size) -> the Ray Dataset sharded to workers (pixels decoded as it streams) and its count
+    dataset: Callable[[data.Source, int], data.TrainData]
     batches: Callable[[steps.StepContext, int], Iterator[Any]]  # worker: (context, epoch) -> batches
     loss: Callable[[steps.StepContext, Any], steps.Loss]  # worker: (context, batch) -> (loss, batch accuracy)
     # worker: forward and backward of one batch -> (detached loss, batch accuracy); None: `loss`, then backward

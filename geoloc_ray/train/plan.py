@@ -2,8 +2,9 @@
 
 Per fit: trainable parameters, peak memory per worker and FLOPs of one step (`measure`: measured by torch on
 fake tensors at the configured sizes), against `train.gpu_memory_gib` less 10% headroom; per training dataset,
-the bytes one row puts in the object store (the decode the dataset runs, as the Arrow block Ray stores). `train`
-runs it first and refuses a fit that cannot fit, naming the key to change.
+the bytes one row puts in the object store (its ids: images are decoded as the batches stream) and the bytes it
+decodes to (the dataset's own decode, as the Arrow block Ray stores while streaming). `train` runs it
+first and refuses a fit that cannot fit, naming the key to change.
 """
 
 from __future__ import annotations
@@ -118,31 +119,55 @@ def _statements(cfg: Config) -> list[str]:
     return [" ".join(["building"] * words) for _ in range(10)]
 
 
-def row_bytes(cfg: Config) -> dict[str, int]:
-    """Bytes per row in the object store of each training dataset: the dataset's own decode on one row, measured as
-    the Arrow block Ray Data stores (pixels at `model.image.image_size`; stage 2's negatives per mined row)."""
-    import pyarrow as pa
+def _uri(cfg: Config, name: str) -> str:
+    """An image URI as long as the config's own (the ids rows hold them)."""
+    from geoloc_ray import io
+
+    return io.join(cfg.data.root, cfg.data.image_root, name)
+
+
+def _block_bytes(batch: dict[str, Any]) -> int:
     from ray.data.block import BlockAccessor
 
-    from geoloc_ray.train.data import decode_batch, decode_triplet_batch, with_text
+    return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).size_bytes()
+
+
+def row_bytes(cfg: Config) -> dict[str, dict[str, int]]:
+    """Per training dataset, measured as the Arrow blocks Ray Data stores: `object_store_bytes_per_row`, what a row
+    holds in the object store before and during a fit (pairs and mined triplets as ids: image URIs and statements;
+    the gate's statements); `decoded_bytes_per_row`, a row once its images are decoded (pixels at
+    `model.image.image_size`; stage 2's positive and negatives), which exists only in the blocks streaming to the
+    workers, `decode_block_rows` rows a block (`decoded_block_bytes`, several in flight at once)."""
+    import pyarrow as pa
+
+    from geoloc_ray.train.data import decode_batch, decode_block_rows, decode_triplet_batch, with_text
 
     size, negatives = cfg.model.image.image_size, cfg.train.hard_negatives.per_query
     texts = _statements(cfg)
+    text_list = np.empty(1, dtype=object)
+    text_list[0] = texts
+    neg_locations = [[f"{k:04d}" for k in range(1, negatives + 1)]]
+    pair_ids = {"image_id": np.array(["0000/image-01.jpeg"]), "platform": np.array(["drone"]),
+                "location_id": np.array(["0000"]), "texts": text_list}
+    triplet_ids = {"query": np.array([texts[0]]), "location_id": np.array(["0000"]), "platform": np.array(["drone"]),
+                   "neg_location_ids": neg_locations}
     with tempfile.TemporaryDirectory() as d:
         uri = _jpeg(d, size)
-        text_list = np.empty(1, dtype=object)
-        text_list[0] = texts
-        pairs = decode_batch({"image_id": np.array(["0000/image-01.jpeg"]), "image_uri": np.array([uri]),
-                              "platform": np.array(["drone"]), "location_id": np.array(["0000"]),
-                              "texts": text_list}, size=size)
-        triplets = decode_triplet_batch({
-            "query": np.array([texts[0]]), "image_uri": np.array([uri]), "location_id": np.array(["0000"]),
-            "platform": np.array(["drone"]), "neg_uris": [[uri] * negatives],
-            "neg_location_ids": [[f"{k:04d}" for k in range(1, negatives + 1)]]}, size=size)
+        pairs = decode_batch({**pair_ids, "image_uri": np.array([uri])}, size=size)
+        triplets = decode_triplet_batch({**triplet_ids, "image_uri": np.array([uri]), "neg_uris": [[uri] * negatives]},
+                                        size=size)
+    pair_ids["image_uri"] = np.array([_uri(cfg, "0000/image-01.jpeg")])
+    triplet_ids |= {"image_uri": pair_ids["image_uri"],
+                    "neg_uris": [[_uri(cfg, f"{k:04d}/image-01.jpeg") for k in range(1, negatives + 1)]]}
     gate = with_text(pa.table({"texts": [texts], "platform": ["drone"], "location_id": ["0000"]}))
-    return {"pairs": BlockAccessor.for_block(BlockAccessor.batch_to_block(pairs)).size_bytes(),
-            "triplets": BlockAccessor.for_block(BlockAccessor.batch_to_block(triplets)).size_bytes(),
-            "texts": BlockAccessor.for_block(gate).size_bytes()}
+    out = {"texts": {"object_store_bytes_per_row": _block_bytes(gate), "decoded_bytes_per_row": 0,
+                     "decode_block_rows": 0, "decoded_block_bytes": 0}}
+    for name, ids, decoded, images in (("pairs", pair_ids, pairs, 1), ("triplets", triplet_ids, triplets,
+                                                                        1 + negatives)):
+        rows, per_row = decode_block_rows(images, size), _block_bytes(decoded)
+        out[name] = {"object_store_bytes_per_row": _block_bytes(ids), "decoded_bytes_per_row": per_row,
+                     "decode_block_rows": rows, "decoded_block_bytes": rows * per_row}
+    return out
 
 
 STAGE_ROWS = {"stage0": "pairs", "stage1": "pairs", "stage2": "triplets", "gate": "texts", "gate_fused": "pairs"}
@@ -152,7 +177,7 @@ def plan(cfg: Config) -> dict[str, Any]:
     """`geoloc-ray plan --json`: {"fits": {fit: {...}}, "rows": {stage: {"object_store_bytes_per_row", ...}}}."""
     per_dataset = row_bytes(cfg)
     stages = sorted({f.stage for f in recipe_fits(cfg)}, key=list(STAGE_ROWS).index)
-    rows = {s: {"dataset": STAGE_ROWS[s], "object_store_bytes_per_row": per_dataset[STAGE_ROWS[s]]} for s in stages}
+    rows = {s: {"dataset": STAGE_ROWS[s], **per_dataset[STAGE_ROWS[s]]} for s in stages}
     return {"fits": plan_fits(cfg), "rows": rows, "headroom": HEADROOM}
 
 
@@ -176,8 +201,12 @@ def table(result: dict[str, Any]) -> str:
                      f"{f['trainable_params'] / 1e6:>11.1f}M{f['peak_gib']:>10.2f}{gpu:>9}{f['step_tflops']:>12.2f}"
                      f"  {'yes' if f['fits'] else 'NO'}")
     lines.append("")
-    lines.append(f"{'stage':<18}{'dataset':<12}{'object store bytes per row':>28}")
-    lines += [f"{s:<18}{r['dataset']:<12}{r['object_store_bytes_per_row']:>28,}" for s, r in result["rows"].items()]
+    lines.append(f"{'stage':<18}{'dataset':<12}{'object store B/row':>20}{'decoded B/row':>15}"
+                 f"{'streamed block':>16}")
+    for s, r in result["rows"].items():
+        block = f"{r['decode_block_rows']} rows {r['decoded_block_bytes'] / 2**20:.0f} MiB" if r["decode_block_rows"] else "-"
+        lines.append(f"{s:<18}{r['dataset']:<12}{r['object_store_bytes_per_row']:>20,}{r['decoded_bytes_per_row']:>15,}"
+                     f"{block:>16}")
     lines += [""] + (misfits(result) or [f"every fit fits with {result['headroom']:.0%} headroom"])
     return "\n".join(lines)
 

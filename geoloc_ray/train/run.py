@@ -85,10 +85,11 @@ def fit_round(cfg: Config, train_hash: str, fits: list[Fit]) -> dict[str, Any]:
         if is_done(fit.out, train_hash):
             log.info("%s: up to date at %s, skipped", fit.job.name, fit.out)
             continue
-        dataset = kind_of(fit.job.kind).dataset(fit.source, image_size(cfg))
-        job = scheduled(fit.job, dataset.count(), fit.job.batch_size or cfg.train.batch_size, fit.min_steps,
+        # the rows as ids, counted without decoding; the images are decoded while the batches stream to the workers
+        rows = kind_of(fit.job.kind).dataset(fit.source, image_size(cfg))
+        job = scheduled(fit.job, rows.rows, fit.job.batch_size or cfg.train.batch_size, fit.min_steps,
                         cfg.train.num_workers)
-        todo.append((job, dataset, f"{job.name}-{train_hash}", fit.out))
+        todo.append((job, rows.dataset, f"{job.name}-{train_hash}", fit.out))
     if not todo:
         return {}
     log.info("training %s", ", ".join(f"{job.name} ({job.epochs} epochs)" for job, *_ in todo))
