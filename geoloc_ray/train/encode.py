@@ -190,14 +190,17 @@ def statement_text(ctx: StepContext, groups: list[list[str]]) -> torch.Tensor:
     return F.normalize(head.proj(group_mean(features, groups)), dim=-1)
 
 
-def expert_gallery(ctx: StepContext, images: np.ndarray) -> list[torch.Tensor]:
-    """Each frozen expert's unit vectors of these images (no augmentation: a fixed gallery), a batch at a time."""
+def expert_gallery(ctx: StepContext, images: np.ndarray | torch.Tensor) -> list[torch.Tensor]:
+    """Each frozen expert's unit vectors of these uint8 (N, H, W, 3) images (no augmentation: a fixed gallery), a
+    batch at a time. A tensor is taken as is (the planner's fake images); host arrays cross pinned."""
     import torch
 
     parts: list[list[torch.Tensor]] = [[] for _ in ctx.model.platforms]
     with torch.no_grad(), autocast(ctx):
         for i in range(0, len(images), GALLERY_BATCH):
-            trunk = ctx.model.image_trunk_output(ctx.preprocess(uint8_on_device(ctx, images[i : i + GALLERY_BATCH])))
+            batch = images[i : i + GALLERY_BATCH]
+            x = batch.to(ctx.device) if isinstance(batch, torch.Tensor) else uint8_on_device(ctx, batch)
+            trunk = ctx.model.image_trunk_output(ctx.preprocess(x))
             for k, name in enumerate(ctx.model.platforms):
                 parts[k].append(ctx.model.image_head(name, trunk).float())
     empty = torch.zeros(0, ctx.model.model_cfg.embed_dim, device=ctx.device)

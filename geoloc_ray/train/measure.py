@@ -152,7 +152,8 @@ def _gate_fused(ctx: steps.StepContext, rows: int) -> None:
 
     from geoloc_ray.train.losses import fused_logits, gate_anchor, multi_positive_nce
 
-    gallery = enc.expert_gallery(ctx, _pixels(ctx.cfg, enc.GALLERY_BATCH))
+    size = ctx.cfg.model.image.image_size
+    gallery = enc.expert_gallery(ctx, torch.empty(enc.GALLERY_BATCH, size, size, 3, dtype=torch.uint8))
     per_row, model = ctx.cfg.train.statements_per_text, ctx.model
     parts = _trunk_parts(ctx, rows * per_row)
     trunk = type(parts[0]).cat(parts)
