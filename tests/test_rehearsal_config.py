@@ -26,7 +26,7 @@ SIZES = {"model.image.model_name", "model.image.image_size", "model.embed_dim", 
          "train.stage1.min_steps", "train.stage2.min_steps", "train.stage2.batch_size", "train.stage2.grad_cache_chunk",
          "refine.max_new_tokens", "refine.actors.batch_size", "refine.actors.num_cpus", "refine.vllm.concurrency",
          "refine.vllm.batch_size", "refine.vllm.max_model_len", "index.actors.batch_size", "index.text_batch_size",
-         "index.actors.count", "index.actors.num_cpus", "serve.num_cpus", "serve.replicas.encoder", "serve.replicas.expert",
+         "index.actors.count", "serve.num_cpus", "serve.replicas.encoder", "serve.replicas.expert",
          "serve.replicas.shard"}
 
 
