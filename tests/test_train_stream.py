@@ -53,11 +53,11 @@ def mined(tmp_path) -> tuple[str, str]:
 
 
 @pytest.mark.ray
-def test_mined_rows_stay_ids_until_the_decode_stage_and_are_counted_undecoded(ray_session, mined):
+def test_mined_rows_stay_ids_until_the_decode_stage_and_are_counted_undecoded(ray_session, mined, monkeypatch):
     from ray.data.dataset import MaterializedDataset
 
     uri, _ = mined
-    data = triplets_dataset(Source(uri), SIZE)
+    data = triplets_dataset(Source(uri), SIZE, materialize=False)
     # handed to Ray Train unmaterialised; what is in the object store is the ids, no pixels
     assert not isinstance(data.dataset, MaterializedDataset) and isinstance(data.ids, MaterializedDataset)
     assert sorted(data.ids.schema().names) == sorted(TRIPLET_ID_COLUMNS)
@@ -76,6 +76,12 @@ def test_mined_rows_stay_ids_until_the_decode_stage_and_are_counted_undecoded(ra
     materialised = triplets_dataset(Source(uri), SIZE, materialize=True)
     assert isinstance(materialised.dataset, MaterializedDataset) and materialised.rows == ROWS - 1
     assert materialised.dataset.size_bytes() > (ROWS - 1) * pixels_per_row
+    # left to the recipe (None), a set this small is decoded once before its fit; past the limit it streams
+    assert triplets_dataset(Source(uri), SIZE).ids is None
+    from geoloc_ray.train import data as train_data
+
+    monkeypatch.setattr(train_data, "MATERIALIZE_UP_TO_BYTES", pixels_per_row)
+    assert triplets_dataset(Source(uri), SIZE).ids is not None
 
 
 @pytest.mark.ray
@@ -90,7 +96,7 @@ def test_pairs_rows_stay_ids_and_a_row_without_text_is_not_counted(ray_session, 
                           "texts": texts, "split": ["train"] * 4})
     uri = str(tmp_path / "prepared.parquet")
     frame.to_parquet(uri)
-    data = pairs_dataset(Source(uri), SIZE)
+    data = pairs_dataset(Source(uri), SIZE, materialize=False)
     assert not isinstance(data.dataset, MaterializedDataset) and sorted(data.ids.schema().names) == sorted(PAIR_ID_COLUMNS)
     assert data.rows == 3  # the row without a statement is dropped before counting; the corrupt image later
     decoded = list(data.dataset.iter_rows())
@@ -130,7 +136,7 @@ def test_a_two_worker_stage2_fit_trains_on_streamed_rows_that_lost_one(ray_sessi
         "report_every_steps": 1, "statements_per_text": 1, "bf16": False},
         "preprocess": {"augment": {"enabled": False}}})
     assert worker_resources(cfg, 2)["CPU"] == pytest.approx(0.75)  # (2 CPUs - one 0.5-CPU decode task) / 2
-    data = triplets_dataset(Source(uri), SIZE)
+    data = triplets_dataset(Source(uri), SIZE, materialize=False)
     job = scheduled(JobSpec(name="stage2", kind="triplets", head="drone", epochs=2, lr=1e-3, text_layers=False),
                     data.rows, cfg.train.batch_size, 0, workers=2)
     assert job.steps_per_epoch == 2  # 6 rows a worker scheduled (4 + 2); they get 5 (4 + a lone row, skipped)

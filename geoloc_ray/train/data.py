@@ -137,16 +137,26 @@ def _ids(ds, rows_per_block: int):
     return ds.repartition(target_num_rows_per_block=rows_per_block).materialize()
 
 
-def _decoded(ids, fn, size: int, rows_per_block: int, materialize: bool) -> TrainData:
+# A training set decoded to at most this many bytes is decoded once before its fit, as before issue 21; larger ones
+# stream. A small set then costs little object store, and a fixed instance whose CPUs all went to train workers
+# (the demo's 2 cores, 3 fits at once) leaves Ray Data no CPU budget to decode while the fits wait for it.
+MATERIALIZE_UP_TO_BYTES = 1 << 30
+
+
+def _decoded(ids, fn, size: int, rows_per_block: int, materialize: bool | None, images: int = 1) -> TrainData:
+    """`materialize` None: decide by the decoded size (`MATERIALIZE_UP_TO_BYTES`)."""
     ds = ids.map_batches(fn, batch_format="numpy", batch_size=rows_per_block, num_cpus=DECODE_CPUS,
                          fn_kwargs={"size": size, "storage": io.storage_options()})
-    if materialize:  # every pixel in the object store before the fit (the behaviour before issue 21; benchmarks)
+    rows = ids.count()
+    if materialize is None:
+        materialize = rows * images * size * size * 3 <= MATERIALIZE_UP_TO_BYTES
+    if materialize:  # every pixel in the object store before the fit (small sets; benchmarks)
         ds = ds.materialize()
         return TrainData(ds, ds.count())
-    return TrainData(ds, ids.count(), ids)
+    return TrainData(ds, rows, ids)
 
 
-def pairs_dataset(source: Source, size: int, materialize: bool = False) -> TrainData:
+def pairs_dataset(source: Source, size: int, materialize: bool | None = None) -> TrainData:
     """Images + their texts for contrastive training (and the fused gate's held-out gallery): ids in the object
     store, pixels decoded as the batches stream. Rows without a statement are dropped before counting."""
     ds = _only(io.read_dataset_parquet(source.uri).select_columns(PAIR_ID_COLUMNS), source)
@@ -162,12 +172,13 @@ def texts_dataset(source: Source, size: int) -> TrainData:
     return TrainData(ds, ds.count())
 
 
-def triplets_dataset(source: Source, size: int, materialize: bool = False) -> TrainData:
+def triplets_dataset(source: Source, size: int, materialize: bool | None = None) -> TrainData:
     """FlagEmbedding-style {query, pos, neg} records written by mining: the mined rows (image URIs) in the object
     store, the positive's and each hard negative's pixels decoded as the batches stream."""
     ds = _only(io.read_dataset_parquet(source.uri).select_columns(TRIPLET_ID_COLUMNS), source)
-    rows_per_block = decode_block_rows(images_per_row("triplets", _negatives(source.uri)), size)
-    return _decoded(_ids(ds, rows_per_block), decode_triplet_batch, size, rows_per_block, materialize)
+    images = images_per_row("triplets", _negatives(source.uri))
+    rows_per_block = decode_block_rows(images, size)
+    return _decoded(_ids(ds, rows_per_block), decode_triplet_batch, size, rows_per_block, materialize, images)
 
 
 def _negatives(uri: str) -> int:
