@@ -41,27 +41,25 @@ def _same_text_trunk(a: GeoLocModel, b: GeoLocModel) -> bool:
     return a.model_cfg.text == b.model_cfg.text and same_weights(a.text_trunk, b.text_trunk)
 
 
-def share_image_trunks(models: Sequence[GeoLocModel]) -> int:
-    """Point every model whose image trunk equals an earlier one's at that module (the copy is freed); returns
-    how many distinct trunks remain. `image_vectors(..., trunks=)` then runs each of them once per batch."""
+def _share(models: Sequence[GeoLocModel], same_trunk, attr: str) -> int:
+    """Point each model's `attr` trunk at an earlier equal one's (the copy is freed); distinct trunks left."""
     kept: list[GeoLocModel] = []
     for model in models:
-        same = next((k for k in kept if _same_image_trunk(k, model)), None)
+        same = next((k for k in kept if same_trunk(k, model)), None)
         if same is None:
             kept.append(model)
         else:
-            model.image_trunk = same.image_trunk
+            setattr(model, attr, getattr(same, attr))
     return len(kept)
+
+
+def share_image_trunks(models: Sequence[GeoLocModel]) -> int:
+    """Point every model whose image trunk equals an earlier one's at that module (the copy is freed); returns
+    how many distinct trunks remain. `image_vectors(..., trunks=)` then runs each of them once per batch."""
+    return _share(models, _same_image_trunk, "image_trunk")
 
 
 def share_text_trunks(models: Sequence[GeoLocModel]) -> int:
     """The text side of `share_image_trunks` (same tokenizer settings and weights: one module); returns how many
     distinct text trunks remain."""
-    kept: list[GeoLocModel] = []
-    for model in models:
-        same = next((k for k in kept if _same_text_trunk(k, model)), None)
-        if same is None:
-            kept.append(model)
-        else:
-            model.text_trunk = same.text_trunk
-    return len(kept)
+    return _share(models, _same_text_trunk, "text_trunk")
