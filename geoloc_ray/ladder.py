@@ -22,7 +22,8 @@ from geoloc_ray.eval.report import diagnostics, save_png, shown
 METRICS = ("R@1", "R@10", "score")  # location level, in percent
 # (earlier, later): each reported as later - earlier, paired on the same queries of the same seed.
 COMPARISONS = [("unified", "aligned"), ("aligned", "static_ensemble"), ("static_ensemble", "moe"),
-               ("moe", "oracle_gate"), ("platform_gate", "moe")]  # the last: what the fused gate tuning adds
+               ("moe", "oracle_gate"), ("moe", "oracle_mix"),  # how far moe is from its routing upper bounds
+               ("platform_gate", "moe")]  # what the fused gate tuning adds
 # The method's claims (Score): (text, earlier, later, margin, kind); "gain": later >= earlier + margin,
 # "gap": later - earlier <= margin (moe within `margin` points of its routing upper bound).
 CLAIMS = [("moe >= static_ensemble + 2", "static_ensemble", "moe", 2.0, "gain"),

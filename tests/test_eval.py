@@ -338,3 +338,62 @@ def test_every_variant_of_a_model_comes_from_one_trunk_pass_and_matches_the_mode
                                atol=1e-5)
     for p in PLATFORMS:
         np.testing.assert_allclose(got[f"expert_{p}"].vectors, query_vectors(moe, texts, [p], None).vectors, atol=1e-5)
+
+
+def test_mix_grid_holds_the_vertices_and_equal_weights():
+    from geoloc_ray.eval.routing import mix_grid
+
+    grid = mix_grid(3, 6)
+    assert grid.shape == (28, 3) and np.allclose(grid.sum(1), 1) and (grid >= 0).all()
+    np.testing.assert_allclose(grid[0], [1 / 3] * 3)  # equal weights first: ties go to the static ensemble
+    for vertex in np.eye(3):
+        assert np.isclose(grid, vertex).all(1).any()
+    assert len(np.unique(grid.round(6), axis=0)) == len(grid)
+    assert len(mix_grid(3, 4)) == 15 + 1  # 4 divisions: equal weights are not on the grid, so added
+    with pytest.raises(ValueError, match="divisions"):
+        mix_grid(3, 0)
+
+
+def test_pick_mix_takes_each_platforms_best_point_on_a_fixed_input():
+    from geoloc_ray.eval.routing import oracle_mix, pick_mix
+
+    platforms = ["drone", "drone", "ground", "ground"]
+    loc = np.array([[0, 12, 0, 5],   # point 0: drone 0.5+... (hit@1 hit@10) per query
+                    [0, 3, 20, 20],  # point 1: best for drone (0 and 3 both inside 10)
+                    [9, 9, 0, 0]])   # point 2: best for ground
+    img = loc + 1
+    assert pick_mix(loc, platforms) == {"drone": 1, "ground": 2}
+    grid = np.array([[1, 0], [0.5, 0.5], [0, 1]], np.float32)
+    (best_loc, best_img), weights, picked = oracle_mix([(loc[g], img[g]) for g in range(3)], grid, platforms)
+    np.testing.assert_array_equal(best_loc, [0, 3, 0, 0])
+    np.testing.assert_array_equal(best_img, [1, 4, 1, 1])
+    np.testing.assert_array_equal(weights, grid[[1, 1, 2, 2]])
+    assert pick_mix(np.array([[1, 1], [1, 1]]), ["drone", "drone"]) == {"drone": 0}  # a tie: the earlier point
+    with pytest.raises(ValueError, match="ranks"):
+        pick_mix(loc[:, :3], platforms)
+
+
+def test_oracle_mix_is_never_below_oracle_gate_or_static_ensemble(moe, frames):
+    """On a fixed world: per query platform, the best grid point is at least as good as its vertex (the oracle's
+    one-hot) and the equal weights (the static ensemble), both on the grid."""
+    from geoloc_ray.eval.evaluate import encode_queries
+    from geoloc_ray.eval.report import is_diagnostic
+    from geoloc_ray.eval.routing import ORACLE_MIX
+
+    queries, gallery = frames
+    mix = _variant("oracle_mix")
+    assert mix.weights == ORACLE_MIX and len(mix.grid) == 28 and is_diagnostic("oracle_mix")
+    qv = encode_queries(mix, moe, queries)
+    assert qv.vectors.shape[:2] == (28, len(queries))
+    got = _score(mix, moe, queries, gallery)
+    for other in ("oracle_gate", "static_ensemble"):
+        theirs = _score(_variant(other), moe, queries, gallery)
+        for platform, block in got["metrics"]["per_platform"].items():
+            assert block["location"]["score"] >= theirs["metrics"]["per_platform"][platform]["location"]["score"]
+    # each query platform's weights are one grid point, and its queries rank as that point ranks them by hand
+    for platform, weights in got["gate"]["mean_weights"].items():
+        point = np.array([weights[p] for p in PLATFORMS], np.float32)
+        assert np.isclose(np.asarray(mix.grid), point, atol=1e-4).all(1).any()
+        sel = (queries["platform"] == platform).to_numpy()
+        hand = _hand_metrics(moe, queries[sel].reset_index(drop=True), gallery, np.tile(point, (sel.sum(), 1)))
+        assert got["metrics"]["per_platform"][platform]["location"] == pytest.approx(hand["location"])

@@ -61,7 +61,8 @@ def _frame(rng: np.random.Generator, n: int, rates: dict[str, tuple[float, float
 
 
 RATES = {"unified": (0.2, 0.5), "aligned": (0.3, 0.6), "static_ensemble": (0.35, 0.65), "moe": (0.4, 0.7),
-         "oracle_gate": (0.5, 0.8), "platform_gate": (0.38, 0.7), "expert_drone": (0.3, 0.6),
+         "oracle_gate": (0.5, 0.8), "oracle_mix": (0.55, 0.85), "platform_gate": (0.38, 0.7),
+         "expert_drone": (0.3, 0.6),
          "moe_places": (0.4, 0.75)}
 
 
@@ -74,7 +75,7 @@ def test_summary_means_intervals_and_paired_differences():
     frames[2] = frames[2].drop(columns=["expert_drone:hit@1"])  # missing in one seed: left out
     summary = summarize(frames, Config())
     assert list(summary["variants"]) == ["unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate",
-                                         "platform_gate"]
+                                         "oracle_mix", "platform_gate"]
     for name, stats in summary["variants"].items():
         r1 = [100 * frames[s][f"{name}:hit@1"].mean() for s in (0, 1, 2)]
         r10 = [100 * frames[s][f"{name}:hit@10"].mean() for s in (0, 1, 2)]
@@ -119,7 +120,8 @@ def test_seed_runs_live_under_the_ladder_folder_and_worlds_only_vary_when_asked(
     world = seed_config(cfg, 4)
     assert world.artifacts == str(tmp_path / "artifacts" / "ladder" / "seed-4")
     assert (world.seed, world.synth.seed, world.data.root) == (4, 4, str(tmp_path / "world") + "-seed-4")
-    assert world.eval.variants == ["moe", "unified", "aligned", "static_ensemble", "oracle_gate", "platform_gate"]
+    assert world.eval.variants == ["moe", "unified", "aligned", "static_ensemble", "oracle_gate", "oracle_mix",
+                                   "platform_gate"]
     same = seed_config(cfg.model_copy(update={"ladder": cfg.ladder.model_copy(update={"vary": "training"})}), 4)
     assert (same.seed, same.synth.seed, same.data.root) == (4, cfg.synth.seed, cfg.data.root)
 

@@ -133,11 +133,20 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def config_hash(cfg: Config, sections: list[str]) -> str:
-    """A stable hash of the named config sections: a stage is up to date when its inputs' hash matches."""
+def config_hash(cfg: Config, sections: list[str], exclude: tuple[str, ...] = ()) -> str:
+    """A stable hash of the named config sections: a stage is up to date when its inputs' hash matches.
+    `exclude`: dotted keys left out (settings a part of the stage does not read, e.g. train.gate_fused)."""
     import hashlib
     import json
 
     dump = cfg.model_dump(mode="json")
     picked = {s: dump[s] for s in sections}
+    for key in exclude:
+        *parents, leaf = key.split(".")
+        node = picked
+        for part in parents:
+            node = node.get(part, {})
+        if not isinstance(node, dict) or leaf not in node:
+            raise KeyError(f"config_hash: no key {key!r} in sections {sections}")
+        node.pop(leaf)
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]

@@ -117,6 +117,10 @@ class ModelConfig(ConfigModel):
     image: ImageTowerConfig = Field(default_factory=ImageTowerConfig)
     embed_dim: int = Field(256, ge=8)
     gate_hidden: int = Field(512, ge=8)
+    # The MoE routes with softmax(logits / T) of its gate. The platform-label gate trains on its raw logits (T has
+    # no effect there); T > 1 softens its near one-hot weights toward equal ones (T -> inf: the static ensemble),
+    # T < 1 sharpens them. Applied from the MoE's assembly on: fused tuning, eval and Serve route with it.
+    gate_temperature: float = Field(1.0, gt=0)
     platforms: list[Platform] = Field(default_factory=lambda: list(PLATFORMS))
     # In the embedded default no pretrained image weights exist: stage 0 trains the whole image tower.
     train_image_trunk_in_stage0: bool = True
@@ -147,8 +151,8 @@ class IndexConfig(ConfigModel):
     build_num_cpus: float = Field(0.5, gt=0)  # per shard-building Ray task
 
 
-EvalVariant = Literal["unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate", "platform_gate",
-                      "expert_satellite", "expert_drone", "expert_ground"]
+EvalVariant = Literal["unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate", "oracle_mix",
+                      "platform_gate", "expert_satellite", "expert_drone", "expert_ground"]
 
 
 class EvalConfig(ConfigModel):
@@ -157,10 +161,15 @@ class EvalConfig(ConfigModel):
     # Routing diagnostics, on by default: oracle_gate (one-hot on the query's true platform), platform_gate (the
     # gate before fused tuning, models/gate) and expert_<platform> (one expert alone) explain the distance
     # between moe and its upper bound, and cost only query encodings and searches over moe's gallery vectors
-    # (no extra gallery pass, no corruption runs).
+    # (no extra gallery pass, no corruption runs). oracle_mix: per query platform, the best fixed expert weights
+    # on a simplex grid, chosen on the test queries themselves: an upper bound of any platform-aware gate, never a
+    # result (one search per grid point).
     variants: list[EvalVariant] = Field(default_factory=lambda: [
-        "unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate", "platform_gate",
+        "unified", "aligned", "static_ensemble", "moe", "moe_places", "oracle_gate", "oracle_mix", "platform_gate",
         "expert_satellite", "expert_drone", "expert_ground"])
+    # oracle_mix's grid: every weight vector with entries in multiples of 1/mix_divisions (the vertices included),
+    # plus equal weights; 6 gives 28 points for three experts (equal weights among them).
+    mix_divisions: int = Field(6, ge=1, le=24)
     corruptions: list[Literal["blur", "occlusion", "noise"]] = Field(
         default_factory=lambda: ["blur", "occlusion", "noise"]
     )

@@ -84,6 +84,9 @@ class TrainConfig(ConfigModel):
     # training locations while the platform gate learnt from the other 90% and routes about as well as the
     # oracle: unanchored, the tuning overfits the few held-out places and has collapsed onto one expert.
     gate_fused_anchor: float = Field(1.0, ge=0)
+    # What the anchor pulls toward: the platform gate the tuning starts from, or equal weights 1/K (the static
+    # ensemble, which beat the platform gate and its one-hot oracle on the ladder's worlds).
+    gate_fused_prior: Literal["platform_gate", "equal"] = "platform_gate"
     val_fraction: float = Field(0.12, ge=0, lt=0.5)  # training locations held out from every head
     # An expert's stage 1 also sees the other platforms' rows, weighing together this share of its own platform's
     # rows (0: its own platform alone). It is ranked against every platform's images at query time; trained on

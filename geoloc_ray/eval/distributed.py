@@ -26,7 +26,7 @@ from geoloc_ray.eval.corruptions import corrupt
 from geoloc_ray.eval.evaluate import Variant, _columns_for, corruption_view
 from geoloc_ray.eval.queries import QueryModel, query_embedding_dataset, vector_columns
 from geoloc_ray.eval.report import is_diagnostic
-from geoloc_ray.eval.routing import PLATFORM_GATE
+from geoloc_ray.eval.routing import MIX_POINT, ORACLE_MIX, PLATFORM_GATE, oracle_mix
 from geoloc_ray.eval.search import Probe, gallery_stats, search_block
 from geoloc_ray.index.stream import as_fixed_size_list, list_parts
 from geoloc_ray.train.mining_tasks import query_blocks
@@ -60,16 +60,35 @@ def probes(chosen: list[Variant], heads: dict[str, list[str]], corruptions: list
         elif v.weights == PLATFORM_GATE:
             gate = (artifacts.GATE, v.heads)
         columns = tuple(int(c) for c in _columns_for(v, heads[v.model], embed_dims[v.model]))
+        if v.weights == ORACLE_MIX:  # one probe per grid point, clean view; `pick_mixes` keeps each platform's best
+            out.setdefault(v.model, []).extend(Probe(f"{v.name}{MIX_POINT}{i}", v.heads, "fixed", columns, (None,),
+                                                     fixed=w) for i, w in enumerate(v.grid))
+            continue
         out.setdefault(v.model, []).append(Probe(
             v.name, v.heads, v.weights, columns, (None, *(() if is_diagnostic(v.name) else views)), v.places,
             gate))
     return out
 
 
-def query_models(chosen: list[Variant], models: dict[str, tuple[str, list[str]]], gate_uri: str | None
-                 ) -> dict[str, QueryModel]:
+def pick_mixes(found: Found, chosen: list[Variant], platforms: list[str]) -> Found:
+    """Each oracle_mix variant's grid-point results collapsed into one: per query platform, the best point's."""
+    ranks, weights = dict(found.ranks), dict(found.weights)
+    for v in [v for v in chosen if v.weights == ORACLE_MIX]:
+        names = [f"{v.name}{MIX_POINT}{i}" for i in range(len(v.grid))]
+        best, w, picked = oracle_mix([ranks[n][None] for n in names], np.asarray(v.grid), platforms)
+        for n in names:
+            ranks.pop(n), weights.pop(n, None)
+        ranks[v.name], weights[v.name] = {None: best}, w
+        log.info("%s: best fixed weights per query platform %s", v.name,
+                 {p: [round(x, 3) for x in v.grid[i]] for p, i in picked.items()})
+    return Found(ranks, weights, found.gallery)
+
+
+def query_models(chosen: list[Variant], models: dict[str, tuple[str, list[str]]], gate_uri: str | None,
+                 gate_temperature: float = 1.0) -> dict[str, QueryModel]:
     """What the query encoder computes: each model's heads, its gate where a variant routes with it, and the
-    platform-label gate (models/gate, no heads) for `platform_gate`."""
+    platform-label gate (models/gate, no heads) for `platform_gate`, routing at the MoE's temperature
+    (`model.gate_temperature`): the gate the fused tuning starts from."""
     out = {}
     for name, (uri, heads) in models.items():
         routed = [v for v in chosen if v.model == name and v.weights == "gate"]
@@ -81,7 +100,7 @@ def query_models(chosen: list[Variant], models: dict[str, tuple[str, list[str]]]
         if gate_uri is None:
             raise ValueError("platform_gate needs the platform-label gate (models/gate)")
         _check_gate(gate_uri, platform[0], "the platform gate (models/gate)")
-        out[artifacts.GATE] = QueryModel(gate_uri, (), platform[0])
+        out[artifacts.GATE] = QueryModel(gate_uri, (), platform[0], gate_temperature)
     return out
 
 
@@ -174,10 +193,11 @@ def evaluate_distributed(cfg: Config, queries, chosen: list[Variant], models: di
 
     dims = {m: int(read_manifest(uri)["embed_dim"]) for m, (uri, _) in models.items()}
     plan = probes(chosen, {m: h for m, (_, h) in models.items()}, corruptions, dims)
-    encoders = query_models(chosen, models, gate_uri)
+    encoders = query_models(chosen, models, gate_uri, cfg.model.gate_temperature)
     write_gallery(cfg, models, corruptions)
     write_queries(cfg, queries, encoders)
     try:
-        return search(cfg, len(queries), queries["location_id"].tolist(), plan, max_k)
+        found = search(cfg, len(queries), queries["location_id"].tolist(), plan, max_k)
+        return pick_mixes(found, chosen, queries["platform"].tolist())
     finally:
         io.remove(artifacts.eval_work(cfg))  # the gallery's vectors: GBs at full scale; the ranks are kept

@@ -30,9 +30,12 @@ from geoloc_ray.eval.metrics import (
 )
 from geoloc_ray.eval.routing import (
     ORACLE,
+    ORACLE_MIX,
     PLATFORM_GATE,
     gate_summary,
     gate_weights,
+    mix_grid,
+    oracle_mix,
     oracle_weights,
     routed_query,
 )
@@ -46,9 +49,11 @@ class Variant:
     name: str
     model: str  # models/<model>
     heads: tuple[str, ...]
-    # None: single head; "static", "gate" (the model's own), "oracle" or "platform_gate" (routing.py): fused
+    # None: single head; "static", "gate" (the model's own), "oracle", "oracle_mix" or "platform_gate"
+    # (routing.py): fused
     weights: str | None
     places: bool = False  # one image per location (its best): k distinct places, as `group_by: location` serves
+    grid: tuple[tuple[float, ...], ...] = ()  # oracle_mix: the fixed weights it picks from, per query platform
 
 
 def variants(cfg: Config) -> list[Variant]:
@@ -61,6 +66,8 @@ def variants(cfg: Config) -> list[Variant]:
         "moe": Variant("moe", artifacts.MOE, experts, "gate"),
         "moe_places": Variant("moe_places", artifacts.MOE, experts, "gate", places=True),
         "oracle_gate": Variant("oracle_gate", artifacts.MOE, experts, ORACLE),
+        "oracle_mix": Variant("oracle_mix", artifacts.MOE, experts, ORACLE_MIX,
+                              grid=tuple(map(tuple, mix_grid(len(experts), cfg.eval.mix_divisions).tolist()))),
         "platform_gate": Variant("platform_gate", artifacts.MOE, experts, PLATFORM_GATE),
         **{f"expert_{p}": Variant(f"expert_{p}", artifacts.MOE, (p,), None) for p in experts},
     }
@@ -153,8 +160,12 @@ def score_variant(v: Variant, model, queries, gallery, model_heads: list[str], k
     if qv is None:
         qv = encode_queries(v, model, queries)
     cols = _columns_for(v, model_heads, model.model_cfg.embed_dim)
-    ranks = {None: _hit_ranks(_rank(v, qv.vectors, np.stack(gallery[v.model].to_numpy())[:, cols], gallery, max_k),
-                              gallery, queries)}
+    vectors = np.stack(gallery[v.model].to_numpy())[:, cols]
+    if v.weights == ORACLE_MIX:  # qv.vectors: (G, N, K*D), one routed query set per grid point; clean view only
+        per_point = [_hit_ranks(_rank(v, q, vectors, gallery, max_k), gallery, queries) for q in qv.vectors]
+        best, weights, _ = oracle_mix(per_point, qv.gate, queries["platform"].tolist())
+        return variant_result(v, queries, ks, {None: best}, weights, [])
+    ranks = {None: _hit_ranks(_rank(v, qv.vectors, vectors, gallery, max_k), gallery, queries)}
     for kind, severity in corruptions:
         view = corruption_view(kind, severity)
         damaged = np.stack(gallery[view_column(v.model, view)].to_numpy())[:, cols]
@@ -165,13 +176,19 @@ def score_variant(v: Variant, model, queries, gallery, model_heads: list[str], k
 def encode_queries(v: Variant, model, queries, cache: dict | None = None, gate_model: Any = None) -> QueryVectors:
     """A variant's query vectors, with its routing weights when it routes. Every variant of one model is built
     from that model's per-head query vectors, encoded once (`cache`, shared by the model's variants): a head
-    alone, or concat_k(w_k t_k) under static, its own gate's, the oracle's or the platform gate's weights."""
+    alone, or concat_k(w_k t_k) under static, its own gate's, the oracle's or the platform gate's weights;
+    oracle_mix: one such set per grid point (G, N, K*D), with the grid (G, K) as its weights."""
     cache = {} if cache is None else cache
     key = (v.heads, v.weights)
     if key not in cache:
         parts, own_gate = _head_vectors(model, queries, cache)
         if v.weights is None:
             cache[key] = QueryVectors(parts[v.heads[0]], None)
+        elif v.weights == ORACLE_MIX:
+            grid = np.asarray(v.grid, np.float32)
+            n = len(queries)
+            cache[key] = QueryVectors(np.stack([routed_query([parts[h] for h in v.heads], np.tile(w, (n, 1)))
+                                                for w in grid]), grid)
         else:
             weights = _routing(v, model, queries, own_gate, gate_model)
             cache[key] = QueryVectors(routed_query([parts[h] for h in v.heads], weights), weights)
@@ -258,7 +275,9 @@ def _platform_gate_model(cfg: Config, chosen: list[Variant]) -> Any:
 
     uri = artifacts.model_dir(cfg, artifacts.GATE)
     artifacts.require(artifacts.model_manifest(cfg, artifacts.GATE), "train")
-    return load_model(uri, heads=[]).eval()
+    model = load_model(uri, heads=[]).eval()
+    model.gate.temperature = cfg.model.gate_temperature  # as the distributed path routes it (query_models)
+    return model
 
 
 def _meta(queries, gallery: dict[str, Any], ks: list[int]) -> dict[str, Any]:

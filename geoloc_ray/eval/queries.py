@@ -27,6 +27,7 @@ class QueryModel:
     uri: str
     heads: tuple[str, ...]
     gate_order: tuple[str, ...] | None = None
+    gate_temperature: float | None = None  # routes at this temperature, not the one its manifest records
 
 
 def head_column(model: str, head: str) -> str:
@@ -62,6 +63,8 @@ class QueryEncoder:
             share_text_trunks([*(m for m, _ in self.models.values()), model])
             if spec.gate_order is not None:
                 _check_gate(model, spec.gate_order, name)
+                if spec.gate_temperature is not None:
+                    model.gate.temperature = spec.gate_temperature
             self.models[name] = (model, spec)
         for model, _ in self.models.values():  # shared modules move once (already on the device the second time)
             model.to(self.device)

@@ -12,7 +12,7 @@ LADDER = ["unified", "aligned", "static_ensemble", "moe"]
 # Rows of every table: the ladder, then moe with one image per location (k distinct places), then any others.
 ORDER = [*LADDER, "moe_places"]
 # The routing diagnostics get their own table (moe's experts under other routings, each expert alone).
-ROUTINGS = ["oracle_gate", "platform_gate"]
+ROUTINGS = ["oracle_gate", "oracle_mix", "platform_gate"]
 
 
 def is_diagnostic(name: str) -> bool:
@@ -164,8 +164,11 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if diagnostics(results["variants"]):
         parts += ["## Routing diagnostics, location level", "", routing_table(results), "",
-                  "oracle_gate: one-hot weight on the query's true platform (the upper bound of routing these "
-                  "experts); platform_gate: the gate trained on platform labels, before fused tuning; "
+                  "oracle_gate: one-hot weight on the query's true platform; oracle_mix: per query platform the "
+                  "fixed expert weights (a simplex grid, vertices and equal weights included) that score best on "
+                  "that platform's test queries, chosen on the test set itself (an upper bound of any gate that "
+                  "knows the platform, never a result); platform_gate: the gate trained on platform labels, "
+                  "before fused tuning (at the MoE's temperature); "
                   "expert_<platform>: that expert alone over the mixed gallery.", ""]
         if own := own_expert_section(results):
             parts += ["### Does each platform's own expert score best alone?", "", own, ""]

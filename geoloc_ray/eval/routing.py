@@ -1,7 +1,9 @@
 """Routing diagnostics: moe's experts under other routings, so the distance between moe and its upper bound
-has an explanation. `oracle` weighs each query's true platform (the best any router of these experts could do
-without looking at scores); `platform_gate` is the gate trained on platform labels, before fused tuning
-(models/gate). Both reuse the experts' single-head query vectors: the query side only, no gallery pass.
+has an explanation. `oracle` weighs each query's true platform one-hot; `oracle_mix` gives each query platform
+the fixed weights, out of a simplex grid, that score best on that platform's test queries (chosen on the test
+set itself: an upper bound of any gate that knows the platform, never a result); `platform_gate` is the gate
+trained on platform labels, before fused tuning (models/gate). All reuse the experts' single-head query vectors:
+the query side only, no gallery pass.
 """
 
 from __future__ import annotations
@@ -11,7 +13,50 @@ from typing import Any
 
 import numpy as np
 
-ORACLE, PLATFORM_GATE = "oracle", "platform_gate"  # Variant.weights routed here (not by the model's own gate)
+ORACLE, ORACLE_MIX, PLATFORM_GATE = "oracle", "oracle_mix", "platform_gate"  # Variant.weights routed here
+MIX_POINT = "#"  # oracle_mix's grid point i is searched as the probe "<variant>#<i>"
+
+
+def mix_grid(experts: int, divisions: int) -> np.ndarray:
+    """(G, K) weight vectors: equal weights first, then every vector of multiples of 1/divisions summing to 1
+    (the vertices, one-hot on each expert, included)."""
+    if experts < 1 or divisions < 1:
+        raise ValueError(f"mix_grid needs experts >= 1 and divisions >= 1, got {experts}, {divisions}")
+    import itertools
+
+    points = [np.full(experts, 1.0 / experts)]
+    for cut in itertools.combinations(range(divisions + experts - 1), experts - 1):  # stars and bars
+        parts = np.diff([-1, *cut, divisions + experts - 1]) - 1
+        points.append(parts / divisions)
+    grid = np.unique(np.round(np.stack(points), 12), axis=0, return_index=True)[1]
+    return np.stack(points)[np.sort(grid)].astype(np.float32)
+
+
+def mix_score(location_ranks: np.ndarray) -> np.ndarray:
+    """Per query, the ladder's Score from its location rank: (hit@1 + hit@10) / 2."""
+    return ((location_ranks < 1).astype(np.float64) + (location_ranks < 10)) / 2
+
+
+def pick_mix(location_ranks: np.ndarray, platforms: Sequence[str]) -> dict[str, int]:
+    """Per query platform, the grid point (row of `location_ranks`, (G, N)) whose mean Score over that platform's
+    queries is highest; ties go to the earlier point (equal weights first)."""
+    platforms = np.asarray(platforms)
+    if location_ranks.ndim != 2 or location_ranks.shape[1] != len(platforms):
+        raise ValueError(f"pick_mix needs (points, {len(platforms)}) ranks, got {location_ranks.shape}")
+    scores = mix_score(location_ranks)
+    return {str(p): int(np.argmax(scores[:, platforms == p].mean(1))) for p in np.unique(platforms)}
+
+
+def oracle_mix(ranks: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray, platforms: Sequence[str]
+               ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, dict[str, int]]:
+    """From each grid point's (location, image) hit ranks: every query's ranks under its platform's best point,
+    the (N, K) weights that chose, and the point per platform."""
+    chosen = pick_mix(np.stack([loc for loc, _ in ranks]), platforms)
+    point = np.array([chosen[str(p)] for p in platforms], dtype=np.int64)
+    rows = np.arange(len(point))
+    loc = np.stack([loc for loc, _ in ranks])[point, rows]
+    img = np.stack([img for _, img in ranks])[point, rows]
+    return (loc, img), np.asarray(grid, np.float32)[point], chosen
 
 
 def oracle_weights(query_platforms: Sequence[str], experts: Sequence[str]) -> np.ndarray:

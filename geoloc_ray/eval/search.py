@@ -33,11 +33,12 @@ class Probe:
 
     name: str
     heads: tuple[str, ...]
-    weights: str | None  # None (one head), "static", "oracle", or a gate: see `gate`
+    weights: str | None  # None (one head), "static", "oracle", "fixed" (see `fixed`), or a gate: see `gate`
     columns: tuple[int, ...]
     views: tuple[str | None, ...]
     places: bool = False
     gate: tuple[str, tuple[str, ...]] | None = None  # (model whose gate column routes it, that column's order)
+    fixed: tuple[float, ...] | None = None  # the same weights for every query (an oracle_mix grid point)
 
 
 def _read(uri: str, columns: list[str]):
@@ -64,6 +65,8 @@ def probe_queries(p: Probe, model: str, table) -> tuple[np.ndarray, np.ndarray |
     n, k = table.num_rows, len(p.heads)
     if p.weights == "static":
         weights = np.full((n, k), 1.0 / k, np.float32)
+    elif p.fixed is not None:
+        weights = np.tile(np.asarray(p.fixed, np.float32), (n, 1))
     elif p.weights == ORACLE:
         weights = oracle_weights(_column(table, "platform").tolist(), p.heads)
     elif p.gate is not None:

@@ -295,5 +295,8 @@ def assemble_moe(expert_uris: Sequence[str], gate_uri: str, out_uri: str, cfg: C
         for name in expert.head_names:
             moe.heads[name] = expert.heads[name]
     moe.gate = load_model(gate_uri).gate
+    if cfg is not None:  # the MoE routes at the configured temperature, whatever its parts were built with
+        moe.gate.temperature = cfg.model.gate_temperature
+        moe.model_cfg = moe.model_cfg.model_copy(update={"gate_temperature": cfg.model.gate_temperature})
     sources = {"experts": list(expert_uris), "gate": gate_uri}
     return save_model(moe, out_uri, cfg, extra={"experts": moe.head_names, "sources": sources, **(extra or {})})

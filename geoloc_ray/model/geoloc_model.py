@@ -79,7 +79,8 @@ class GeoLocModel(nn.Module):
 
     def add_gate(self) -> Gate:
         """A fresh gate over `platforms` on the trunk query feature."""
-        self.gate = Gate(self.text_width, self.model_cfg.gate_hidden, self.platforms).to(self._param_device())
+        self.gate = Gate(self.text_width, self.model_cfg.gate_hidden, self.platforms,
+                         self.model_cfg.gate_temperature).to(self._param_device())
         return self.gate
 
     def _param_device(self) -> torch.device:

@@ -45,11 +45,14 @@ class ExpertHead(nn.Module):
 
 
 class Gate(nn.Module):
-    """2-layer MLP on the shared trunk query feature -> softmax over the platforms (the experts)."""
+    """2-layer MLP on the shared trunk query feature -> softmax(logits / temperature) over the platforms."""
 
-    def __init__(self, in_dim: int, hidden: int, platforms: list[str]):
+    def __init__(self, in_dim: int, hidden: int, platforms: list[str], temperature: float = 1.0):
         super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"gate temperature must be > 0, got {temperature}")
         self.platforms = list(platforms)
+        self.temperature = float(temperature)  # a setting, not a weight: model.gate_temperature (manifest)
         # Trunk features of a pretrained encoder have arbitrary scale: normalise before the MLP.
         self.norm = nn.LayerNorm(in_dim)
         self.fc1 = nn.Linear(in_dim, hidden)
@@ -60,6 +63,10 @@ class Gate(nn.Module):
         x = trunk.pooled if isinstance(trunk, TextTrunkOutput) else trunk
         return self.fc2(self.act(self.fc1(self.norm(x))))
 
+    def scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the routing softmax sees: the platform-label loss trains the raw ones, routing uses these."""
+        return logits / self.temperature
+
     def forward(self, trunk: TextTrunkOutput | torch.Tensor) -> torch.Tensor:
         """(B, K) expert weights g_k(q), rows summing to 1, in `platforms` order."""
-        return self.logits(trunk).softmax(dim=-1)
+        return self.scaled(self.logits(trunk)).softmax(dim=-1)

@@ -163,14 +163,14 @@ def _gate_fused(ctx: steps.StepContext, rows: int) -> None:
                    for k in model.platforms]
     x = trunk.pooled.float().view(rows, per_row, -1).mean(1)
     per_expert = torch.stack([q @ g.T for q, g in zip(queries, gallery, strict=True)], dim=1)
-    gate_logits = model.gate.logits(x)
+    gate_logits = model.gate.scaled(model.gate.logits(x))
     logits = fused_logits(gate_logits.softmax(-1), per_expert, ctx.cfg.train.temperature)
     positives = torch.zeros_like(logits, dtype=torch.bool)
     positives[:, 0] = True
     loss = multi_positive_nce(logits, positives)
     if ctx.cfg.train.gate_fused_anchor > 0:  # the frozen starting gate's weights (the gate's shape, no graph)
         with torch.no_grad():
-            anchor = model.gate(x)
+            anchor = steps.anchor_weights(ctx.cfg.train.gate_fused_prior, model.gate, x)
         loss = loss + ctx.cfg.train.gate_fused_anchor * gate_anchor(gate_logits, anchor)
     loss.backward()
 

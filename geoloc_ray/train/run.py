@@ -35,6 +35,9 @@ from geoloc_ray.train.shards import steps_per_epoch
 log = logging.getLogger(__name__)
 
 TRAIN_SECTIONS = ["data", "preprocess", "refine", "model", "train", "seed"]
+# Read by the fused gate tuning and the MoE's assembly alone: every model before them is up to date whatever their
+# values, so trying another gate setting retrains only the gate (its models carry the full hash).
+GATE_ONLY_KEYS = ("train.gate_fused", "train.gate_fused_anchor", "train.gate_fused_prior", "model.gate_temperature")
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def run_train(cfg: Config) -> dict[str, Any]:
     connect(cfg)
     prepared = artifacts.require(artifacts.prepared(cfg, "train"), "prepare")
     refined = artifacts.require(artifacts.refined_train(cfg), "refine")
-    h = config_hash(cfg, TRAIN_SECTIONS)
+    h, upstream = config_hash(cfg, TRAIN_SECTIONS), config_hash(cfg, TRAIN_SECTIONS, GATE_ONLY_KEYS)
     t, platforms = cfg.train, list(cfg.model.platforms)
     locations = io.read_parquet(prepared, columns=["location_id"])["location_id"]
     held_out = frozenset(split_locations(locations, t.val_fraction))
@@ -141,11 +144,11 @@ def run_train(cfg: Config) -> dict[str, Any]:
     models = {name: artifacts.model_dir(cfg, name) for name in (STAGE0, UNIFIED, ALIGNED, GATE, MOE)}
     metrics: dict[str, Any] = {}
 
-    metrics |= fit_round(cfg, h, [
+    metrics |= fit_round(cfg, upstream, [
         stage_fit(cfg, STAGE0, "pairs", t.stage0, original, models[STAGE0], head=UNIFIED,
                   image_trunk=cfg.model.train_image_trunk_in_stage0),
     ])
-    metrics |= fit_round(cfg, h, [
+    metrics |= fit_round(cfg, upstream, [
         stage_fit(cfg, UNIFIED, "pairs", t.stage1, original, models[UNIFIED], head=UNIFIED,
                   init=models[STAGE0], init_head=UNIFIED),
         stage_fit(cfg, ALIGNED, "pairs", t.stage1, aligned_rows, models[ALIGNED], head=ALIGNED,
@@ -153,12 +156,12 @@ def run_train(cfg: Config) -> dict[str, Any]:
         stage_fit(cfg, GATE, "gate", t.gate, aligned_rows, models[GATE], init=models[STAGE0]),
     ])
     stage1 = {p: artifacts.expert_dir(cfg, p, 1) for p in platforms}
-    metrics |= fit_round(cfg, h, [expert_fit(cfg, p, aligned_rows, stage1[p], models[ALIGNED]) for p in platforms])
+    metrics |= fit_round(cfg, upstream, [expert_fit(cfg, p, aligned_rows, stage1[p], models[ALIGNED]) for p in platforms])
     experts = stage1
     if t.stage2.epochs > 0:
         metrics["mining"] = mining.mine(cfg, stage1, refined, held_out)
         experts = {p: artifacts.expert_dir(cfg, p, 2) for p in platforms}
-        metrics |= fit_round(cfg, h, [
+        metrics |= fit_round(cfg, upstream, [
             stage_fit(cfg, f"{p}-stage2", "triplets", t.stage2, Source(artifacts.mined(cfg, p)), experts[p],
                       head=p, init=stage1[p], **stage2_job(cfg))
             for p in platforms

@@ -5,8 +5,8 @@ pairs: in-batch InfoNCE on (image, a query-like text of 1..N of its statements):
 expert's rows of other platforms weigh `train.expert_replay`'s share, see run.py).
 triplets: stage 2, in-batch negatives plus each query's mined hard negatives (never of its own location).
 gate: the platform of each query's image, from the frozen trunk's query feature.
-gate_fused: the gate on the fused retrieval loss over held-out locations, experts frozen, anchored to the
-platform gate it starts from by a KL term (`train.gate_fused_anchor`).
+gate_fused: the gate on the fused retrieval loss over held-out locations, experts frozen, anchored by a KL term
+(`train.gate_fused_anchor`) to the platform gate it starts from or to equal weights (`train.gate_fused_prior`).
 torch is imported inside the functions: the recipe imports this module (through `kinds`) on the CLI path.
 """
 
@@ -295,14 +295,27 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
                        enc.group_mean({s: f[1][k] for s, f in features.items()}, groups), ctx.device)), dim=-1)
                    for k, name in enumerate(ctx.model.platforms)]
     per_expert = torch.stack([q @ g.T for q, g in zip(queries, ctx.gallery, strict=True)], dim=1)
-    gate_logits = ctx.model.gate.logits(x)
+    gate_logits = ctx.model.gate.scaled(ctx.model.gate.logits(x))  # the routing's logits (model.gate_temperature)
     logits = fused_logits(gate_logits.softmax(-1), per_expert, ctx.cfg.train.temperature)
     keys = to_device(torch.as_tensor(ctx.rows["location_keys"][idx]), logits.device)
     positives = keys[:, None] == ctx.gallery_keys[None]
     top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
     loss = multi_positive_nce(logits, positives)
-    if ctx.anchor_gate is not None:  # keep what the platform gate learnt from the many training locations
+    if ctx.anchor_gate is not None:  # keep what the many training locations taught (or the equal-weight prior)
         with torch.no_grad():
-            anchor = ctx.anchor_gate(x)
+            anchor = anchor_weights(ctx.cfg.train.gate_fused_prior, ctx.anchor_gate, x)
         loss = loss + ctx.cfg.train.gate_fused_anchor * gate_anchor(gate_logits, anchor)
     return loss, top1
+
+
+def anchor_weights(prior: str, starting_gate, x):
+    """The (B, K) weights the fused tuning is pulled toward: the frozen starting gate's (`platform_gate`) or 1/K
+    each (`equal`, the static ensemble's)."""
+    import torch
+
+    if prior == "equal":
+        k = len(starting_gate.platforms)
+        return torch.full((x.shape[0], k), 1.0 / k, device=x.device, dtype=torch.float32)
+    if prior == "platform_gate":
+        return starting_gate(x)
+    raise ValueError(f"train.gate_fused_prior must be platform_gate or equal, got {prior!r}")
