@@ -86,6 +86,9 @@ def test_held_out_locations_are_stable_and_about_the_requested_fraction():
     assert 0.09 < len(held) / len(locations) < 0.15
     assert split_locations(locations, 0.0) == set()
     assert split_locations(locations[:100], 0.12) == {x for x in held if x in set(locations[:100])}
+    few = [x for x in locations if x not in held][:5]  # no hash of these falls under 12%
+    assert split_locations(few, 0.12) == split_locations(few[::-1], 0.12) and len(split_locations(few, 0.12)) == 1
+    assert split_locations(few, 0.0) == set() and split_locations(few[:1], 0.12) == set()
 
 
 def test_mining_reruns_only_when_the_stage1_experts_or_the_settings_change():

@@ -80,11 +80,16 @@ def decode_triplet_batch(batch: dict[str, Any], *, size: int, storage: dict | No
 
 
 def split_locations(location_ids, fraction: float) -> set[str]:
-    """A stable held-out set of locations (by hash, so it does not depend on order or on the run)."""
+    """A stable held-out set of locations (by hash, so it does not depend on order or on the run). A fraction
+    above 0 of two or more locations holds out at least one (the lowest hash): in a small world the set came out
+    empty by chance, and the fused gate tuning, which trains on it, silently did not run."""
     import hashlib
 
-    return {loc for loc in set(map(str, location_ids))
-            if int(hashlib.sha1(loc.encode()).hexdigest()[:8], 16) % 10_000 < fraction * 10_000}
+    keys = {loc: int(hashlib.sha1(loc.encode()).hexdigest()[:8], 16) % 10_000 for loc in set(map(str, location_ids))}
+    held = {loc for loc, key in keys.items() if key < fraction * 10_000}
+    if not held and fraction > 0 and len(keys) > 1:
+        held = {min(keys, key=lambda loc: (keys[loc], loc))}
+    return held
 
 
 @dataclass(frozen=True)
