@@ -59,6 +59,7 @@ def test_rehearsal_of_the_production_profile(tmp_path: Path) -> None:
     log = (out / "job.log").read_text()
     assert "vLLM" in log or "vllm" in log
     assert "resuming from the checkpoint" in log  # the killed fit resumed, it did not start over
+    assert "gate-fused" in log  # production's fused gate tuning ran (the small world holds out a location)
     stage0 = report["training"]["stage0"]
     assert stage0["world_size"] == 2 and len(set(stage0["node_ids"])) == 2  # data-parallel over two nodes
     assert _local_files() - before == set(), "the job wrote into the checkout: everything belongs on S3"
