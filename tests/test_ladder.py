@@ -214,3 +214,23 @@ def test_each_expert_is_compared_with_aligned_on_its_own_platforms_queries_only(
     assert experts["drone"]["moe"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
     assert experts["ground"]["expert_ground"] == {"mean": 0.0, "low": 0.0, "high": 0.0}
     assert experts["ground"]["moe"]["mean"] < 0 and experts["drone"]["queries"] == {"0": 60, "1": 60}
+
+
+def test_the_plans_rule_picks_arms_as_written():
+    import importlib.util
+
+    from tests.ray_cluster import REPO
+
+    spec = importlib.util.spec_from_file_location("ladder_arms", REPO / "bench" / "ladder_arms.py")
+    arms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(arms)
+
+    def row(name, m, d):
+        return {"arm": name, "m": m, "d": d}
+
+    # rule 1: the candidate with the highest moe Score; rule 3: within 0.25 of it, fewer changes wins
+    assert arms.choose([row("A", 30, -1), row("B", 31, 0.5), row("C", 32, 0.2)], [0, 1, 2])[0] == "C"
+    assert arms.choose([row("A", 30, -1), row("B", 31.9, 0.5), row("C", 32, 0.2)], [0, 1, 2])[0] == "B"
+    # rule 2: no candidate: the highest d unless it costs more than 0.5 of A's moe Score
+    assert arms.choose([row("A", 30, -1.0), row("B", 29.8, -0.2)], [0, 1])[0] == "B"
+    assert arms.choose([row("A", 30, -1.0), row("B", 29.0, -0.2)], [0, 1])[0] == "A"
