@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"--changes has {len(changes)} entries for {len(args.arms)} arms")
     rows = [arm_row(Path(a).name, load(a)) for a in args.arms]
     lines = ["| arm | unified | aligned | static_ensemble | moe | moe - static_ensemble | oracle_mix | "
-             "moe - oracle_mix |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "oracle_mix - moe |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mix = "-" if r["oracle_mix"] is None else f"{r['oracle_mix']:.2f}"
         lines.append(f"| {r['arm']} | {r['unified']:.2f} | {r['aligned']:.2f} | {r['static']:.2f} | {r['m']:.2f} | "
