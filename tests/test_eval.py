@@ -358,9 +358,9 @@ def test_pick_mix_takes_each_platforms_best_point_on_a_fixed_input():
     from geoloc_ray.eval.routing import oracle_mix, pick_mix
 
     platforms = ["drone", "drone", "ground", "ground"]
-    loc = np.array([[0, 12, 0, 5],   # point 0: drone 0.5+... (hit@1 hit@10) per query
-                    [0, 3, 20, 20],  # point 1: best for drone (0 and 3 both inside 10)
-                    [9, 9, 0, 0]])   # point 2: best for ground
+    loc = np.array([[0, 12, 0, 5],   # point 0: drone Score 0.5, ground 0.75 (Score = (hit@1 + hit@10) / 2)
+                    [0, 3, 20, 20],  # point 1: drone 0.75 (best), ground 0
+                    [9, 9, 0, 0]])   # point 2: drone 0.5, ground 1.0 (best)
     img = loc + 1
     assert pick_mix(loc, platforms) == {"drone": 1, "ground": 2}
     grid = np.array([[1, 0], [0.5, 0.5], [0, 1]], np.float32)

@@ -215,6 +215,10 @@ def test_the_fused_tuning_is_anchored_to_the_frozen_gate_it_started_from(demo, t
     ctx = make_context(trained, job, off, np.random.default_rng(0), "cpu", _Shard(_pairs()))
     next(fused_batches(ctx, epoch=0))
     assert ctx.anchor_gate is None
+    equal = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gate_fused_prior": "equal"})})
+    ctx = make_context(trained, job, equal, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    next(fused_batches(ctx, epoch=1))
+    assert ctx.anchor_gate is None  # the equal prior copies and loads no gate
 
 
 def test_an_experts_other_platform_rows_weigh_in_at_the_replay_share(tmp_path):

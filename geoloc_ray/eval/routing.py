@@ -24,12 +24,11 @@ def mix_grid(experts: int, divisions: int) -> np.ndarray:
         raise ValueError(f"mix_grid needs experts >= 1 and divisions >= 1, got {experts}, {divisions}")
     import itertools
 
-    points = [np.full(experts, 1.0 / experts)]
-    for cut in itertools.combinations(range(divisions + experts - 1), experts - 1):  # stars and bars
-        parts = np.diff([-1, *cut, divisions + experts - 1]) - 1
-        points.append(parts / divisions)
-    grid = np.unique(np.round(np.stack(points), 12), axis=0, return_index=True)[1]
-    return np.stack(points)[np.sort(grid)].astype(np.float32)
+    bars = divisions + experts - 1  # stars and bars: each choice of experts - 1 bars is one composition
+    grid = np.stack([np.diff([-1, *cut, bars]) - 1 for cut in itertools.combinations(range(bars), experts - 1)])
+    equal = np.full(experts, 1.0 / experts)
+    grid = grid[~np.isclose(grid / divisions, equal).all(1)] / divisions  # equal weights once, at the front
+    return np.vstack([equal, grid]).astype(np.float32)
 
 
 def mix_score(location_ranks: np.ndarray) -> np.ndarray:
@@ -51,11 +50,11 @@ def oracle_mix(ranks: Sequence[tuple[np.ndarray, np.ndarray]], grid: np.ndarray,
                ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray, dict[str, int]]:
     """From each grid point's (location, image) hit ranks: every query's ranks under its platform's best point,
     the (N, K) weights that chose, and the point per platform."""
-    chosen = pick_mix(np.stack([loc for loc, _ in ranks]), platforms)
+    locations = np.stack([loc for loc, _ in ranks])
+    chosen = pick_mix(locations, platforms)
     point = np.array([chosen[str(p)] for p in platforms], dtype=np.int64)
     rows = np.arange(len(point))
-    loc = np.stack([loc for loc, _ in ranks])[point, rows]
-    img = np.stack([img for _, img in ranks])[point, rows]
+    loc, img = locations[point, rows], np.stack([img for _, img in ranks])[point, rows]
     return (loc, img), np.asarray(grid, np.float32)[point], chosen
 
 

@@ -54,7 +54,8 @@ class StepContext:
     rows: dict[str, np.ndarray] | None = None
     gallery: list[torch.Tensor] | None = None  # gate_fused: each expert's vectors of every held-out image
     gallery_keys: torch.Tensor | None = None  # gate_fused: their location keys
-    anchor_gate: Any | None = None  # gate_fused: the job's starting (platform) gate, frozen (train.gate_fused_anchor)
+    # gate_fused: the job's starting (platform) gate, frozen (train.gate_fused_anchor, prior platform_gate)
+    anchor_gate: Any | None = None
     sizes: list[int] | None = None  # this step's rows on every worker (None: one worker)
     parallel: Callable[..., Loss] | None = None  # the kind's loss through DDP (None: one worker, no wrapper)
 
@@ -116,8 +117,8 @@ def fused_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray
         (keys,) = location_keys(rows.pop("location_id"))
         ctx.gallery_keys = gather_rows(keys.to(ctx.device))
         ctx.rows = _with_text({**rows, "location_keys": keys.numpy()})
-        if ctx.cfg.train.gate_fused_anchor > 0:
-            ctx.anchor_gate = _starting_gate(ctx, epoch)
+        if ctx.cfg.train.gate_fused_anchor > 0 and ctx.cfg.train.gate_fused_prior == "platform_gate":
+            ctx.anchor_gate = _starting_gate(ctx, epoch)  # the equal prior needs no copy of any gate
     return _row_batches(ctx)
 
 
@@ -301,9 +302,10 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
     positives = keys[:, None] == ctx.gallery_keys[None]
     top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
     loss = multi_positive_nce(logits, positives)
-    if ctx.anchor_gate is not None:  # keep what the many training locations taught (or the equal-weight prior)
+    if ctx.cfg.train.gate_fused_anchor > 0:  # keep what the many training locations taught (or equal weights)
+        starting = ctx.anchor_gate if ctx.anchor_gate is not None else ctx.model.gate  # `equal` reads only its K
         with torch.no_grad():
-            anchor = anchor_weights(ctx.cfg.train.gate_fused_prior, ctx.anchor_gate, x)
+            anchor = anchor_weights(ctx.cfg.train.gate_fused_prior, starting, x)
         loss = loss + ctx.cfg.train.gate_fused_anchor * gate_anchor(gate_logits, anchor)
     return loss, top1
 
