@@ -15,6 +15,7 @@ Modes, timed in rounds (old, none, ddp, ddp+global, ...) so drift hits all of th
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -49,8 +50,7 @@ def _timed_steps(ctx, loss_of, optimizer, batch, steps: int, sync) -> float:
     dist.barrier()
     t0 = time.perf_counter()
     for b, sizes in agreed(iter([batch] * steps), lambda x: len(x["location_id"]), "cpu"):
-        ctx.sizes = sizes
-        loss, _ = loss_of(ctx, b)
+        loss, _ = loss_of(dataclasses.replace(ctx, sizes=sizes), b)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if sync:
@@ -67,9 +67,10 @@ def _worker(rank: int, init: str, init_file: str, args, out: str) -> None:
 
     from geoloc_ray.config import load_config
     from geoloc_ray.train.kinds import kind_of
-    from geoloc_ray.train.loop import JobSpec, _init_model, on_device
+    from geoloc_ray.train.loop import _init_model, on_device
     from geoloc_ray.train.parallel import data_parallel
     from geoloc_ray.train.steps import make_context
+    from geoloc_ray.train.worker_types import JobSpec
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -61,8 +61,9 @@ def make_step(model, cfg, head: str, tokens: dict, pixels, locations) -> Callabl
     """One training step of `head` on a fixed batch; whatever requires grad in `model` is what trains."""
     import torch
 
-    from geoloc_ray.train.loop import JobSpec, make_optimizer
+    from geoloc_ray.train.loop import make_optimizer
     from geoloc_ray.train.losses import info_nce
+    from geoloc_ray.train.worker_types import JobSpec
 
     job = JobSpec(name="bench", kind="pairs", head=head, epochs=1, lr=1e-5, steps_per_epoch=10_000)
     optimizer, _ = make_optimizer(model, job, cfg)

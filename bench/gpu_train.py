@@ -1,5 +1,5 @@
 """Training on the chosen device without Ray: the train loop's own torch-level functions (`loop._init_model`,
-`loop.on_device`, `steps.make_context`, `loop.run_epoch`, `loop.write_checkpoint` / `read_checkpoint`).
+`loop.on_device`, `loop.setup_context`, `loop.run_epoch`, `loop.write_checkpoint` / `read_checkpoint`).
 
 Checks, each recorded in the JSON:
 - one training step of every kind (pairs, triplets, gate, gate_fused) under bf16 autocast: finite loss, only the
@@ -66,13 +66,12 @@ def one_step(cfg, job, device, shard) -> dict:
     """Two single-step epochs of a kind (the first warms up); loss, seconds per step and what changed."""
     import torch
 
-    from geoloc_ray.train.loop import _init_model, on_device, run_epoch
-    from geoloc_ray.train.steps import make_context
+    from geoloc_ray.train.loop import _init_model, on_device, run_epoch, setup_context
 
     model = _init_model(cfg, job)
     optimizer, scheduler = on_device(model, job, cfg, device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), device, shard)
+    ctx = setup_context(model, job, cfg, np.random.default_rng(0), device, shard)
     model.train()
     run_epoch(ctx, 0, optimizer, scheduler)
     _sync(device)
@@ -90,14 +89,20 @@ def resume(cfg, job, device, shard, folder: str) -> dict:
     import torch
 
     from geoloc_ray.model.checkpoint import frozen_sha256
-    from geoloc_ray.train.loop import _init_model, on_device, read_checkpoint, run_epoch, write_checkpoint
-    from geoloc_ray.train.steps import make_context
+    from geoloc_ray.train.loop import (
+        _init_model,
+        on_device,
+        read_checkpoint,
+        run_epoch,
+        setup_context,
+        write_checkpoint,
+    )
 
     model = _init_model(cfg, job)
     frozen = frozen_sha256(model)  # before the move, as the worker loop takes it
     optimizer, scheduler = on_device(model, job, cfg, device)
     model.train()
-    run_epoch(make_context(model, job, cfg, np.random.default_rng(0), device, shard), 0, optimizer, scheduler)
+    run_epoch(setup_context(model, job, cfg, np.random.default_rng(0), device, shard), 0, optimizer, scheduler)
     write_checkpoint(folder, model, optimizer, scheduler, cfg, job, 0, {"world_size": 1, "node_ids": []}, frozen)
     model = _init_model(cfg, job)  # the job's starting model, as a restarted worker builds it
     opt_state, start, _ = read_checkpoint(folder, model, frozen)
@@ -107,7 +112,7 @@ def resume(cfg, job, device, shard, folder: str) -> dict:
     state_devices = sorted({str(v.device) for p in params for v in optimizer.state[p].values()
                             if torch.is_tensor(v) and v.dim() > 0})
     model.train()
-    steps, totals = run_epoch(make_context(model, job, cfg, np.random.default_rng(1), device, shard), start,
+    steps, totals = run_epoch(setup_context(model, job, cfg, np.random.default_rng(1), device, shard), start,
                               optimizer, scheduler)
     _sync(device)
     param_device = str(params[0].device)
@@ -120,7 +125,7 @@ def step_every_kind(cfg, device, batch: int, folder: str) -> tuple[dict, dict, M
     """One step of every kind (`one_step`) on a random-weight 3-expert + gate model of `cfg.model`, saved under
     `folder`, over `batch` random rows: (results by kind, the jobs, the shard)."""
     from geoloc_ray.model import build_model, save_model
-    from geoloc_ray.train.loop import JobSpec
+    from geoloc_ray.train.worker_types import JobSpec
 
     shard = MemoryShard(rows(batch, cfg.model.image.image_size or 64, cfg.train.hard_negatives.per_query))
     init = str(Path(folder) / "moe")

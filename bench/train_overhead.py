@@ -6,7 +6,7 @@ vs a plain in-process PyTorch loop running the same step code on the same model 
     python bench/train_overhead.py --job expert       # an expert head on the frozen trunk instead
     python bench/train_overhead.py --quick            # 32 pairs, 3 epochs: checks the script, measures nothing
 
-Both sides: `loop._init_model` + `make_optimizer` + `steps.make_context(...)`, and the train loop's own `run_epoch`
+Both sides: `loop._init_model` + `make_optimizer` + `steps.setup_context(...)`, and the train loop's own `run_epoch`
 (the step sequence), at the same torch thread count. Ray Train: `fit.make_trainer` (what the train stage runs) on a
 materialized Ray Dataset, with a controller callback that logs each `ray.train.report` (metrics + wall time).
 Plain: the rows in memory behind a tiny `iter_batches` (shuffled per epoch, same batch size). Steady state =
@@ -79,8 +79,7 @@ def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
     """`train_loop_per_worker` without Ray: same init, optimizer, step context and step sequence; per-epoch timings."""
     import torch
 
-    from geoloc_ray.train.loop import _init_model, make_optimizer, run_epoch
-    from geoloc_ray.train.steps import make_context
+    from geoloc_ray.train.loop import _init_model, make_optimizer, run_epoch, setup_context
 
     torch.set_num_threads(cfg.train.torch_threads)
     torch.manual_seed(job.seed)
@@ -88,7 +87,7 @@ def plain_fit(cfg, job, shard: NumpyShard) -> list[dict[str, Any]]:
     model = _init_model(cfg, job)
     optimizer, scheduler = make_optimizer(model, job, cfg)
     device = torch.device("cpu")
-    ctx = make_context(model, job, cfg, rng, device, shard)
+    ctx = setup_context(model, job, cfg, rng, device, shard)
     epochs = []
     for epoch in range(job.epochs):
         t0 = time.perf_counter()
@@ -154,7 +153,7 @@ def ray_costs(fit: dict[str, Any]) -> dict[str, float]:
 
 
 def make_job(cfg, kind: str, epochs: int, steps_per_epoch: int):
-    from geoloc_ray.train.loop import JobSpec
+    from geoloc_ray.train.worker_types import JobSpec
 
     t = cfg.train
     if kind == "stage0":  # the demo's longest job: image trunk from scratch, pretrained text layers locked

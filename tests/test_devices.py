@@ -58,7 +58,7 @@ def test_train_process_group_follows_the_device(tmp_path):
     from geoloc_ray.config import config_from_dict
     from geoloc_ray.train.backend import DeviceTorchConfig, torch_config
     from geoloc_ray.train.fit import make_trainer
-    from geoloc_ray.train.loop import JobSpec
+    from geoloc_ray.train.worker_types import JobSpec
 
     assert torch_config("cpu", use_gpu=True).backend == "gloo"  # GPU requests kept, computing on the CPU
     assert torch_config("auto", use_gpu=True).backend is None  # Ray's choice: NCCL on GPU workers
@@ -78,8 +78,8 @@ def fake_gpu_fits(out: str) -> None:
 
     from geoloc_ray.config import config_from_dict
     from geoloc_ray.train.fit import fit_concurrently
-    from geoloc_ray.train.loop import JobSpec
     from geoloc_ray.train.run import scheduled
+    from geoloc_ray.train.worker_types import JobSpec
     from tests.test_train_fit import _pairs
 
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)

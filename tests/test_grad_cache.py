@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from geoloc_ray.config import config_from_dict
-from geoloc_ray.train.loop import JobSpec, _init_model
+from geoloc_ray.train.loop import _init_model
+from geoloc_ray.train.worker_types import JobSpec
 
 SIZE, ROWS, NEGS = 64, 7, 2  # 7 rows x (1 + 2) = 21 images
 

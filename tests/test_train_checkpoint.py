@@ -12,8 +12,9 @@ import torch
 from geoloc_ray.config import config_from_dict
 from geoloc_ray.model import build_model, load_head, load_model, save_model
 from geoloc_ray.model.checkpoint import TRAINED_FILE, ChecksumError, frozen_sha256
-from geoloc_ray.train.loop import STATE_FILE, JobSpec, _init_model, make_optimizer, read_checkpoint, restore
+from geoloc_ray.train.loop import STATE_FILE, _init_model, make_optimizer, read_checkpoint, restore
 from geoloc_ray.train.loop import write_checkpoint as write
+from geoloc_ray.train.worker_types import JobSpec
 
 PLATFORMS = ["satellite", "drone", "ground"]
 

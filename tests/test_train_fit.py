@@ -8,8 +8,8 @@ import pytest
 
 from geoloc_ray.config import config_from_dict
 from geoloc_ray.train.fit import fit_concurrently
-from geoloc_ray.train.loop import JobSpec
 from geoloc_ray.train.run import scheduled
+from geoloc_ray.train.worker_types import JobSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

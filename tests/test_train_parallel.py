@@ -6,12 +6,14 @@ One spawn runs every 2-worker check (a worker process costs ~10-20 s of imports 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from geoloc_ray.config import config_from_dict
-from geoloc_ray.train.loop import JobSpec
+from geoloc_ray.train.worker_types import JobSpec
 
 SIZE, N_NEG = 64, 2
 
@@ -79,30 +81,28 @@ def _loss_and_grads(init: str, kind: str, batch, **job_kw) -> tuple[float, dict[
 
     cfg, job = _cfg(), _job(init, kind, **job_kw)
     model = _init_model(cfg, job).eval()
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", None)
-    ctx.parallel = data_parallel(model, kind_of(kind).loss)
-    ((batch, ctx.sizes),) = list(agreed(iter([batch]), lambda b: len(b["location_id"]), "cpu"))
-    loss, _ = kind_of(kind).run_step(ctx, batch)
+    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", None, data_parallel(model, kind_of(kind).loss))
+    ((batch, sizes),) = list(agreed(iter([batch]), lambda b: len(b["location_id"]), "cpu"))
+    loss, _ = kind_of(kind).run_step(dataclasses.replace(ctx, sizes=sizes), batch)
     return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _epochs(init: str, kind: str, shard_rows, rows_total: int) -> dict:
     """A 2-epoch fit of this worker's shard, scheduled as the driver does; its steps and final lr."""
     from geoloc_ray.train.kinds import kind_of
-    from geoloc_ray.train.loop import _init_model, on_device, run_epoch
+    from geoloc_ray.train.loop import _init_model, on_device, run_epoch, setup_context
     from geoloc_ray.train.parallel import data_parallel, world
     from geoloc_ray.train.run import scheduled
-    from geoloc_ray.train.steps import make_context
 
     cfg = _cfg()
     job = scheduled(_job(init, kind, epochs=2), rows_total, cfg.train.batch_size, 0, world()[1])
     model = _init_model(cfg, job)
     optimizer, scheduler = on_device(model, job, cfg, "cpu")
-    ctx = make_context(model, job, cfg, np.random.default_rng(world()[0]), "cpu", _Shard(shard_rows))
-    ctx.parallel = data_parallel(model, kind_of(kind).loss)
+    ctx = setup_context(model, job, cfg, np.random.default_rng(world()[0]), "cpu", _Shard(shard_rows),
+                        parallel=data_parallel(model, kind_of(kind).loss))
     steps = [run_epoch(ctx, e, optimizer, scheduler)[0] for e in range(job.epochs)]
     return {"steps": steps, "lr": optimizer.param_groups[0]["lr"], "final_lr": 0.1 * job.lr,
-            "gallery": None if ctx.gallery is None else len(ctx.gallery[0])}
+            "gallery": None if ctx.state is None or ctx.state.gallery is None else len(ctx.state.gallery[0])}
 
 
 def _worker(rank: int, init: str, init_file: str, out: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from geoloc_ray.config import config_from_dict
 from geoloc_ray.train.fit import make_trainer
-from geoloc_ray.train.loop import JobSpec
+from geoloc_ray.train.worker_types import JobSpec
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

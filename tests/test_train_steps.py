@@ -8,10 +8,10 @@ from geoloc_ray.config import config_from_dict
 from geoloc_ray.model import build_model, save_model
 from geoloc_ray.train.cache import TrunkCache
 from geoloc_ray.train.kinds import KINDS, kind_of
-from geoloc_ray.train.loop import JobSpec, _init_model, make_optimizer, run_epoch
+from geoloc_ray.train.loop import _init_model, make_optimizer, run_epoch, setup_context
 from geoloc_ray.train.run import scheduled
 from geoloc_ray.train.shards import ShardEpochs
-from geoloc_ray.train.steps import make_context
+from geoloc_ray.train.worker_types import JobSpec
 
 
 class _Shard:
@@ -127,7 +127,7 @@ def _trained(cfg, job, shard, epochs=2):
     model = _init_model(cfg, job)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer, scheduler = make_optimizer(model, job, cfg)
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", shard)
+    ctx = setup_context(model, job, cfg, np.random.default_rng(0), "cpu", shard)
     losses = [run_epoch(ctx, e, optimizer, scheduler) for e in range(epochs)]
     changed = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("heads.") else "")
                for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -159,7 +159,7 @@ def test_the_frozen_trunk_sees_each_statement_once_over_epochs(demo, text_layers
     trunk = model.text_trunk_output
     model.text_trunk_output = lambda texts: (seen.extend(texts), trunk(texts))[1]
     optimizer, scheduler = make_optimizer(model, job, cfg)
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    ctx = setup_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
     for epoch in range(2):
         run_epoch(ctx, epoch, optimizer, scheduler)
     statements = {str(s) for texts in _pairs()["texts"] for s in texts}
@@ -174,7 +174,7 @@ def test_the_heads_text_layers_run_by_length_and_give_the_padded_batchs_outputs_
     cfg = config_from_dict({"train": {"batch_size": 8, "bf16": False}})
     job = JobSpec(name="s", kind="pairs", head="unified", epochs=1, steps_per_epoch=1)
     model = _init_model(cfg, job).eval()
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    ctx = setup_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
     texts = ["red", "a tall cream building with a red roof beside a lake", "two trees", "a lake", "roof",
              "a small grey house next to a long straight road with cars", "park"]
     trunk = model.text_trunk_output(texts)
@@ -196,29 +196,24 @@ def _same_gate(a, b) -> bool:
 
 
 def test_the_fused_tuning_is_anchored_to_the_frozen_gate_it_started_from(demo, tmp_path):
-    from geoloc_ray.train.steps import fused_batches
-
     cfg, model = demo
     save_model(model, str(tmp_path / "init"), cfg)
     job = JobSpec(name="f", kind="gate_fused", init=str(tmp_path / "init"), epochs=2, lr=1e-2, steps_per_epoch=3)
     trained, _, changed = _trained(cfg, job, _Shard(_pairs()))
     assert changed == {"gate"}
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
-    next(fused_batches(ctx, epoch=0))  # before the first step: a frozen copy of the model's own gate
-    assert _same_gate(ctx.anchor_gate, model.gate) and ctx.anchor_gate is not model.gate
+    # the worker's setup, before the first step: a frozen copy of the model's own gate
+    state = setup_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs())).state
+    assert _same_gate(state.anchor_gate, model.gate) and state.anchor_gate is not model.gate
+    assert len(state.gallery) == 3 and len(state.gallery[0]) == len(state.gallery_keys) > 0
     # a worker resumed at epoch 1 holds a tuned gate: the anchor is still the starting model's
-    ctx = make_context(trained, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
-    next(fused_batches(ctx, epoch=1))
-    assert _same_gate(ctx.anchor_gate, model.gate) and not _same_gate(ctx.anchor_gate, trained.gate)
-    assert not any(p.requires_grad for p in ctx.anchor_gate.parameters())
+    state = setup_context(trained, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()), start_epoch=1).state
+    assert _same_gate(state.anchor_gate, model.gate) and not _same_gate(state.anchor_gate, trained.gate)
+    assert not any(p.requires_grad for p in state.anchor_gate.parameters())
     off = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gate_fused_anchor": 0.0})})
-    ctx = make_context(trained, job, off, np.random.default_rng(0), "cpu", _Shard(_pairs()))
-    next(fused_batches(ctx, epoch=0))
-    assert ctx.anchor_gate is None
+    assert setup_context(trained, job, off, np.random.default_rng(0), "cpu", _Shard(_pairs())).state.anchor_gate is None
     equal = cfg.model_copy(update={"train": cfg.train.model_copy(update={"gate_fused_prior": "equal"})})
-    ctx = make_context(trained, job, equal, np.random.default_rng(0), "cpu", _Shard(_pairs()))
-    next(fused_batches(ctx, epoch=1))
-    assert ctx.anchor_gate is None  # the equal prior copies and loads no gate
+    state = setup_context(trained, job, equal, np.random.default_rng(0), "cpu", _Shard(_pairs()), start_epoch=1).state
+    assert state.anchor_gate is None  # the equal prior copies and loads no gate
 
 
 def test_an_experts_other_platform_rows_weigh_in_at_the_replay_share(tmp_path):
@@ -281,7 +276,7 @@ def test_frozen_trunks_in_bf16_leave_the_trained_parts_in_fp32_and_train_them(de
     assert {p.dtype for p in model.trainable_parameters()} == {torch.float32}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer, scheduler = make_optimizer(model, job, cfg)
-    ctx = make_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
+    ctx = setup_context(model, job, cfg, np.random.default_rng(0), "cpu", _Shard(_pairs()))
     steps, totals = run_epoch(ctx, 0, optimizer, scheduler)
     assert steps == 3 and isinstance(totals["loss"], float) and np.isfinite(totals["loss"]) and 0 <= totals["acc"] <= 3
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}

@@ -127,8 +127,8 @@ def test_a_two_worker_stage2_fit_trains_on_streamed_rows_that_lost_one(ray_sessi
     epoch 2 reads it from the worker's memory. The CPUs are shared as the demo shares them (`fit_cpus_to_instance`): room is left for a
     decode task beside the workers, or the stream would wait forever."""
     from geoloc_ray.train.fit import fit_concurrently, worker_resources
-    from geoloc_ray.train.loop import JobSpec
     from geoloc_ray.train.run import scheduled
+    from geoloc_ray.train.worker_types import JobSpec
 
     uri, _ = mined
     cfg = config_from_dict({"artifacts": str(tmp_path / "art"), "train": {

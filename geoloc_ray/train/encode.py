@@ -20,7 +20,7 @@ from geoloc_ray.devices import to_device
 if TYPE_CHECKING:
     import torch
 
-    from geoloc_ray.train.steps import StepContext
+    from geoloc_ray.train.worker_types import StepContext
 
 GALLERY_BATCH = 256  # images per forward pass when embedding the fused gate's held-out gallery
 # texts per call of a head's text layers, grouped by length: 118 demo statements' layers fwd+bwd took 235 ms in one

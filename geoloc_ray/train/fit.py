@@ -10,7 +10,8 @@ from typing import Any
 from geoloc_ray import artifacts, io
 from geoloc_ray.config import Config
 from geoloc_ray.train.data import DECODE_CPUS
-from geoloc_ray.train.loop import JobSpec, train_loop_per_worker
+from geoloc_ray.train.loop import train_loop_per_worker
+from geoloc_ray.train.worker_types import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The kinds of training job, in the one table both the worker loop and the recipe read.
 
 Per kind: what trains (the job's head, or the gate), which heads of the starting model it keeps, the Ray Dataset
-the recipe builds for it, and the worker's batch source and loss.
+the recipe builds for it, the state the worker prepares once, and the worker's batch source and loss.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from geoloc_ray.train import data, steps
+from geoloc_ray.train.worker_types import Loss, StepContext
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,14 @@ class Kind:
     all_heads: bool  # keep every head of the starting model (the fused loss scores through all experts)
     # driver: (rows, image size) -> the Ray Dataset sharded to workers (pixels decoded as it streams) and its count
     dataset: Callable[[data.Source, int], data.TrainData]
-    batches: Callable[[steps.StepContext, int], Iterator[Any]]  # worker: (context, epoch) -> batches
-    loss: Callable[[steps.StepContext, Any], steps.Loss]  # worker: (context, batch) -> (loss, batch accuracy)
+    batches: Callable[[StepContext, int], Iterator[Any]]  # worker: (context, epoch) -> batches
+    loss: Callable[[StepContext, Any], Loss]  # worker: (context, batch) -> (loss, batch accuracy)
     # worker: forward and backward of one batch -> (detached loss, batch accuracy); None: `loss`, then backward
-    step: Callable[[steps.StepContext, Any], steps.Loss] | None = None
+    step: Callable[[StepContext, Any], Loss] | None = None
+    # worker setup: (context, Ray Data shard, first epoch) -> the kind's state (`StepContext.state`); None: none
+    prepare: Callable[[StepContext, Any, int], Any] | None = None
 
-    def run_step(self, ctx: steps.StepContext, batch: Any) -> steps.Loss:
+    def run_step(self, ctx: StepContext, batch: Any) -> Loss:
         return self.step(ctx, batch) if self.step is not None else steps.loss_step(ctx, batch, self.loss)
 
 
@@ -35,9 +38,9 @@ KINDS: dict[str, Kind] = {
     "triplets": Kind(trains_gate=False, fresh_gate=False, all_heads=False, dataset=data.triplets_dataset,
                      batches=steps.shard_batches, loss=steps.triplets_loss, step=steps.triplets_step),
     "gate": Kind(trains_gate=True, fresh_gate=True, all_heads=False, dataset=data.texts_dataset,
-                 batches=steps.gate_batches, loss=steps.platform_gate_loss),
+                 batches=steps.gate_batches, loss=steps.platform_gate_loss, prepare=steps.prepare_gate),
     "gate_fused": Kind(trains_gate=True, fresh_gate=False, all_heads=True, dataset=data.pairs_dataset,
-                       batches=steps.fused_batches, loss=steps.fused_gate_loss),
+                       batches=steps.gate_batches, loss=steps.fused_gate_loss, prepare=steps.prepare_fused),
 }
 
 

@@ -10,45 +10,22 @@ workers the trainable parts run under DDP and the contrastive losses see the glo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from geoloc_ray.config import Config
 from geoloc_ray.train.kinds import kind_of
-from geoloc_ray.train.steps import StepContext, make_context
+from geoloc_ray.train.steps import make_context
+from geoloc_ray.train.worker_types import JobSpec, StepContext
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-
-
-@dataclass
-class JobSpec:
-    """What one TorchTrainer run trains; serialisable into `train_loop_config`."""
-
-    name: str
-    kind: str  # a key of `kinds.KINDS`: pairs | triplets | gate | gate_fused
-    head: str | None = None  # the head being trained (None for the gate)
-    init: str | None = None  # model URI to start from (None: build fresh from config)
-    init_head: str | None = None  # start `head` as a copy of this head of `init` (heads start from stage 0's)
-    image_trunk: bool = False  # train the image trunk too (stage 0 of the embedded default)
-    text_layers: bool = True  # train the head's copy of the pretrained text layers (else only its projection)
-    epochs: int = 1
-    lr: float = 2e-5
-    seed: int = 0
-    steps_per_epoch: int = 1  # steps EACH worker takes per epoch, for the schedule (the driver counts the rows)
-    # pairs: each row of a platform other than `head`'s weighs this much in the loss (None: every row weighs 1).
-    other_platform_weight: float | None = None
-    batch_size: int | None = None  # rows per worker and step (None: train.batch_size); stage 2 has its own
-    grad_cache_chunk: int = 0  # triplets: images through the trainable layers at a time (0: all at once)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def worker_threads(cfg: Config, cpus: float | None) -> int:
@@ -126,6 +103,15 @@ def on_device(model, job: JobSpec, cfg: Config, device, opt_state: dict | None =
     return optimizer, scheduler
 
 
+def setup_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, device, shard, start_epoch: int = 0,
+                  parallel: Any = None) -> StepContext:
+    """The worker's whole step context: the common parts, then the state its kind prepares once (the gate kinds'
+    rows and gallery; for a resumed worker, from `start_epoch`). Built before the first epoch, never filled later."""
+    ctx = make_context(model, job, cfg, rng, device, shard, parallel)
+    prepare = kind_of(job.kind).prepare
+    return ctx if prepare is None else dataclasses.replace(ctx, state=prepare(ctx, shard, start_epoch))
+
+
 def _rows(batch: dict[str, Any]) -> int:
     return len(next(iter(batch.values())))
 
@@ -146,9 +132,8 @@ def run_epoch(ctx: StepContext, epoch: int, optimizer, scheduler) -> tuple[int, 
     totals = None  # (summed loss, summed accuracy) on the device
     n_steps = 0
     for batch, sizes in agreed(kind.batches(ctx, epoch), _rows, ctx.device, every):
-        ctx.sizes = sizes
         optimizer.zero_grad(set_to_none=True)
-        loss, acc = kind.run_step(ctx, batch)  # forward and backward (one or several, `grad_cache`)
+        loss, acc = kind.run_step(dataclasses.replace(ctx, sizes=sizes), batch)  # forward and backward (one or several, `grad_cache`)
         optimizer.step()
         scheduler.step()
         loss = loss.detach().float().reshape(())
@@ -287,8 +272,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # The GPU Ray Train gave this worker, unless `device: cpu` (GPU requests kept, computing on the CPU).
     device = ray.train.torch.get_device() if resolve_device(cfg.device) == "cuda" else torch.device("cpu")
     optimizer, scheduler = on_device(model, job, cfg, device, opt_state)
-    ctx = make_context(model, job, cfg, rng, device, ray.train.get_dataset_shard("train"))
-    ctx.parallel = data_parallel(model, kind_of(job.kind).loss)
+    model.train()  # the gate_fused setup embeds its gallery in the mode every epoch runs in
+    ctx = setup_context(model, job, cfg, rng, device, ray.train.get_dataset_shard("train"), start_epoch,
+                        data_parallel(model, kind_of(job.kind).loss))
     training = _where()
     steps_counter = _steps_counter(job)
 

@@ -22,7 +22,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from geoloc_ray.config import Config
 from geoloc_ray.train import encode as enc
 from geoloc_ray.train import steps
-from geoloc_ray.train.loop import JobSpec, _set_trainable, make_optimizer, on_device
+from geoloc_ray.train.loop import _set_trainable, make_optimizer, on_device
+from geoloc_ray.train.worker_types import JobSpec, StepContext
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _tokens(cfg: Config, n: int) -> dict[str, torch.Tensor]:
             "attention_mask": torch.ones(n, length, dtype=torch.long)}
 
 
-def _trunk_parts(ctx: steps.StepContext, n: int) -> list:
+def _trunk_parts(ctx: StepContext, n: int) -> list:
     """`n` texts through the frozen text trunk, one output per text (what `TextTrunkOutput.split` gives)."""
     from geoloc_ray.model import TextTrunkOutput
 
@@ -86,7 +87,7 @@ def _trunk_parts(ctx: steps.StepContext, n: int) -> list:
             for i in range(n)]
 
 
-def _texts(ctx: steps.StepContext, rows: int, per_row: int) -> torch.Tensor:
+def _texts(ctx: StepContext, rows: int, per_row: int) -> torch.Tensor:
     """Unit text embeddings of `rows` texts of `per_row` parts each (statements, averaged: `statement_text`), the
     head's text layers with their graph unless the job locks them."""
     import torch.nn.functional as F
@@ -111,7 +112,7 @@ def _locations(rows: int) -> np.ndarray:
     return np.array([f"{i:06d}" for i in range(rows)])
 
 
-def _pairs(ctx: steps.StepContext, rows: int) -> None:
+def _pairs(ctx: StepContext, rows: int) -> None:
     composed = ctx.cfg.train.text_composition == "features" or not ctx.job.text_layers
     t = _texts(ctx, rows, ctx.cfg.train.statements_per_text if composed else 1)
     with enc.autocast(ctx):
@@ -120,13 +121,13 @@ def _pairs(ctx: steps.StepContext, rows: int) -> None:
     steps._contrastive(ctx, t, v, _locations(rows), weights=weights).backward()
 
 
-def _triplet_batch(ctx: steps.StepContext, rows: int) -> dict[str, np.ndarray]:
+def _triplet_batch(ctx: StepContext, rows: int) -> dict[str, np.ndarray]:
     per_query = ctx.cfg.train.hard_negatives.per_query
     return {"location_id": _locations(rows),
             "neg_location_ids": np.array([[f"n{i:06d}-{k}" for k in range(per_query)] for i in range(rows)])}
 
 
-def _triplets(ctx: steps.StepContext, rows: int, host: torch.Tensor | None) -> None:
+def _triplets(ctx: StepContext, rows: int, host: torch.Tensor | None) -> None:
     batch = _triplet_batch(ctx, rows)
     t = _texts(ctx, rows, 1)
     if host is not None:
@@ -137,7 +138,7 @@ def _triplets(ctx: steps.StepContext, rows: int, host: torch.Tensor | None) -> N
     steps._triplets_contrastive(ctx, batch, t, v_all).backward()
 
 
-def _gate(ctx: steps.StepContext, rows: int) -> None:
+def _gate(ctx: StepContext, rows: int) -> None:
     from geoloc_ray.train.losses import gate_loss
 
     per_row = ctx.cfg.train.statements_per_text
@@ -145,7 +146,7 @@ def _gate(ctx: steps.StepContext, rows: int) -> None:
     gate_loss(ctx.model.gate.logits(x), torch.zeros(rows, dtype=torch.long)).backward()
 
 
-def _gate_fused(ctx: steps.StepContext, rows: int) -> None:
+def _gate_fused(ctx: StepContext, rows: int) -> None:
     """The held-out gallery under each frozen expert (a batch of `GALLERY_BATCH` images: the worker's setup
     pass), then the fused loss of `rows` queries against it, anchored to the starting gate's weights."""
     import torch.nn.functional as F

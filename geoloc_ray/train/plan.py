@@ -19,7 +19,7 @@ import numpy as np
 from geoloc_ray.artifacts import ALIGNED, GATE, STAGE0, UNIFIED
 from geoloc_ray.config import Config, StageConfig
 from geoloc_ray.train.data import Source
-from geoloc_ray.train.loop import JobSpec
+from geoloc_ray.train.worker_types import JobSpec
 
 HEADROOM = 0.10  # of the GPU's memory kept free: CUDA context, the caching allocator's slack, what is not measured
 GIB = 2**30

@@ -29,8 +29,8 @@ from geoloc_ray.train import mining
 from geoloc_ray.train.data import Source, split_locations
 from geoloc_ray.train.fit import fit_concurrently
 from geoloc_ray.train.kinds import kind_of
-from geoloc_ray.train.loop import JobSpec
 from geoloc_ray.train.shards import steps_per_epoch
+from geoloc_ray.train.worker_types import JobSpec
 
 log = logging.getLogger(__name__)
 

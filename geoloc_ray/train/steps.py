@@ -13,9 +13,8 @@ torch is imported inside the functions: the recipe imports this module (through 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,40 +23,10 @@ from geoloc_ray.devices import to_device
 from geoloc_ray.train import encode as enc
 from geoloc_ray.train import shards
 from geoloc_ray.train.cache import TrunkCache
+from geoloc_ray.train.worker_types import GateRows, JobSpec, Loss, StepContext
 
 if TYPE_CHECKING:
     import torch
-
-    from geoloc_ray.train.batches import TextSampler
-    from geoloc_ray.train.loop import JobSpec
-
-# (loss to minimise, batch accuracy for the log): both tensors on the worker's device, read by the loop only every
-# `train.report_every_steps` (a float here would wait for the GPU at every step)
-Loss = tuple["torch.Tensor", "torch.Tensor"]
-
-
-@dataclass
-class StepContext:
-    """What a kind's batches and loss read on one worker; the gate kinds fill `rows` (and `gallery`) once."""
-
-    model: Any
-    job: JobSpec
-    cfg: Config
-    rng: np.random.Generator
-    device: Any
-    shard: Any  # this worker's Ray Data shard
-    epochs: shards.ShardEpochs
-    sampler: TextSampler
-    preprocess: Callable[..., torch.Tensor]
-    augment: Any | None
-    cache: TrunkCache
-    rows: dict[str, np.ndarray] | None = None
-    gallery: list[torch.Tensor] | None = None  # gate_fused: each expert's vectors of every held-out image
-    gallery_keys: torch.Tensor | None = None  # gate_fused: their location keys
-    # gate_fused: the job's starting (platform) gate, frozen (train.gate_fused_anchor, prior platform_gate)
-    anchor_gate: Any | None = None
-    sizes: list[int] | None = None  # this step's rows on every worker (None: one worker)
-    parallel: Callable[..., Loss] | None = None  # the kind's loss through DDP (None: one worker, no wrapper)
 
 
 def _unstyler(cfg: Config) -> Callable[[str], str] | None:
@@ -70,8 +39,10 @@ def _unstyler(cfg: Config) -> Callable[[str], str] | None:
     return partial(unstyle, patterns=style_patterns(load_vocabulary(cfg.refine.vocabulary)))
 
 
-def make_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, device, shard) -> StepContext:
-    """The worker's step context; the augmentation's seed is the first draw from `rng` (then the text sampler's)."""
+def make_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, device, shard,
+                 parallel: Callable[..., Loss] | None = None) -> StepContext:
+    """The worker's step context without the kind's state (`loop.setup_context` adds it); the augmentation's seed
+    is the first draw from `rng` (then the text sampler's)."""
     from geoloc_ray.model import SatelliteAugment, image_preprocess
     from geoloc_ray.train.batches import TextSampler
 
@@ -82,8 +53,8 @@ def make_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, dev
         augment = SatelliteAugment(cfg.preprocess.augment, seed=int(rng.integers(2**31)))
     batch_size = job.batch_size or cfg.train.batch_size
     epochs = shards.ShardEpochs(shard, batch_size, job.seed, cfg.train.cache_shard_mb * 2**20)
-    return StepContext(model, job, cfg, rng, device, shard, epochs, sampler, preprocess, augment,
-                       TrunkCache(cfg.train.trunk_cache_items))
+    return StepContext(model, job, cfg, rng, device, epochs, sampler, preprocess, augment,
+                       TrunkCache(cfg.train.trunk_cache_items), parallel)
 
 
 # ----- batch sources ---------------------------------------------------------------------------------------------
@@ -98,28 +69,40 @@ def _with_text(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v[has_text] for k, v in rows.items()}
 
 
+def prepare_gate(ctx: StepContext, shard, start_epoch: int) -> GateRows:
+    """gate: the shard's query texts and platforms, read once at the worker's setup."""
+    return GateRows(_with_text(shards.all_rows(shard, ["texts", "platform"])))
+
+
+def prepare_fused(ctx: StepContext, shard, start_epoch: int) -> GateRows:
+    """gate_fused: as `prepare_gate`; the held-out images of EVERY worker become a fixed gallery under each frozen
+    expert (each worker embeds its own in batches, then they are gathered), so each query is ranked as in eval."""
+    from geoloc_ray.train.batches import location_keys
+    from geoloc_ray.train.parallel import gather_rows
+
+    rows = shards.all_rows(shard, ["texts", "location_id", "pixels"])
+    gallery = [gather_rows(g) for g in enc.expert_gallery(ctx, rows.pop("pixels"))]
+    (keys,) = location_keys(rows.pop("location_id"))
+    anchor = None
+    if ctx.cfg.train.gate_fused_anchor > 0 and ctx.cfg.train.gate_fused_prior == "platform_gate":
+        anchor = _starting_gate(ctx, start_epoch)  # the equal prior needs no copy of any gate
+    return GateRows(_with_text({**rows, "location_keys": keys.numpy()}), gallery,
+                    gather_rows(keys.to(ctx.device)), anchor)
+
+
+def gate_rows(ctx: StepContext) -> GateRows:
+    """The gate kinds' prepared rows; a clear error for a context built without them."""
+    if ctx.state is None:
+        raise RuntimeError(f"job {ctx.job.name!r} ({ctx.job.kind}) needs its prepared rows: build its context "
+                           "with loop.setup_context, not steps.make_context")
+    return ctx.state
+
+
 def gate_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """Row indices into the shard's texts, read once; a fresh order from the worker's generator every epoch."""
-    if ctx.rows is None:
-        ctx.rows = _with_text(shards.all_rows(ctx.shard, ["texts", "platform"]))
-    return _row_batches(ctx)
-
-
-def fused_batches(ctx: StepContext, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """As `gate_batches`; the held-out images of EVERY worker become a fixed gallery under each frozen expert
-    once (each worker embeds its own in batches, then they are gathered), so each query is ranked as in eval."""
-    if ctx.rows is None:
-        from geoloc_ray.train.batches import location_keys
-        from geoloc_ray.train.parallel import gather_rows
-
-        rows = shards.all_rows(ctx.shard, ["texts", "location_id", "pixels"])
-        ctx.gallery = [gather_rows(g) for g in enc.expert_gallery(ctx, rows.pop("pixels"))]
-        (keys,) = location_keys(rows.pop("location_id"))
-        ctx.gallery_keys = gather_rows(keys.to(ctx.device))
-        ctx.rows = _with_text({**rows, "location_keys": keys.numpy()})
-        if ctx.cfg.train.gate_fused_anchor > 0 and ctx.cfg.train.gate_fused_prior == "platform_gate":
-            ctx.anchor_gate = _starting_gate(ctx, epoch)  # the equal prior needs no copy of any gate
-    return _row_batches(ctx)
+    """gate and gate_fused: row indices into the prepared texts, in a fresh order from the worker's generator every
+    epoch."""
+    for idx in shards.shuffled(ctx.rng, len(gate_rows(ctx).rows["texts"]), ctx.cfg.train.batch_size):
+        yield {"rows": idx}
 
 
 def _starting_gate(ctx: StepContext, epoch: int):
@@ -133,11 +116,6 @@ def _starting_gate(ctx: StepContext, epoch: int):
 
         gate = load_model(ctx.job.init, heads=[]).gate
     return copy.deepcopy(gate).to(ctx.device).eval().requires_grad_(False)
-
-
-def _row_batches(ctx: StepContext) -> Iterator[dict[str, np.ndarray]]:
-    for idx in shards.shuffled(ctx.rng, len(ctx.rows["texts"]), ctx.cfg.train.batch_size):
-        yield {"rows": idx}
 
 
 def _accuracy(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -272,10 +250,10 @@ def platform_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
 
     from geoloc_ray.train.losses import gate_loss
 
-    idx = batch["rows"]
-    groups = ctx.sampler.statements(ctx.rows["texts"][idx])
+    idx, rows = batch["rows"], gate_rows(ctx).rows
+    groups = ctx.sampler.statements(rows["texts"][idx])
     x = to_device(enc.group_mean(enc.cached(ctx, groups, enc.trunk_features), groups), ctx.device)
-    y = to_device(torch.as_tensor([ctx.model.platforms.index(p) for p in ctx.rows["platform"][idx]]), ctx.device)
+    y = to_device(torch.as_tensor([ctx.model.platforms.index(p) for p in rows["platform"][idx]]), ctx.device)
     logits = ctx.model.gate.logits(x)
     return gate_loss(logits, y), logits.detach().argmax(1).eq(y).float().mean()
 
@@ -287,23 +265,23 @@ def fused_gate_loss(ctx: StepContext, batch: dict[str, np.ndarray]) -> Loss:
 
     from geoloc_ray.train.losses import fused_logits, gate_anchor, multi_positive_nce
 
-    idx = batch["rows"]
-    groups = ctx.sampler.statements(ctx.rows["texts"][idx])
+    idx, state = batch["rows"], gate_rows(ctx)
+    groups = ctx.sampler.statements(state.rows["texts"][idx])
     features = enc.cached(ctx, groups, enc.fused_features)
     x = to_device(enc.group_mean({s: f[0] for s, f in features.items()}, groups), ctx.device)
     with torch.no_grad():
         queries = [F.normalize(ctx.model.heads[name].text.proj(to_device(
                        enc.group_mean({s: f[1][k] for s, f in features.items()}, groups), ctx.device)), dim=-1)
                    for k, name in enumerate(ctx.model.platforms)]
-    per_expert = torch.stack([q @ g.T for q, g in zip(queries, ctx.gallery, strict=True)], dim=1)
+    per_expert = torch.stack([q @ g.T for q, g in zip(queries, state.gallery, strict=True)], dim=1)
     gate_logits = ctx.model.gate.scaled(ctx.model.gate.logits(x))  # the routing's logits (model.gate_temperature)
     logits = fused_logits(gate_logits.softmax(-1), per_expert, ctx.cfg.train.temperature)
-    keys = to_device(torch.as_tensor(ctx.rows["location_keys"][idx]), logits.device)
-    positives = keys[:, None] == ctx.gallery_keys[None]
+    keys = to_device(torch.as_tensor(state.rows["location_keys"][idx]), logits.device)
+    positives = keys[:, None] == state.gallery_keys[None]
     top1 = positives.gather(1, logits.argmax(1, keepdim=True)).float().mean()
     loss = multi_positive_nce(logits, positives)
     if ctx.cfg.train.gate_fused_anchor > 0:  # keep what the many training locations taught (or equal weights)
-        starting = ctx.anchor_gate if ctx.anchor_gate is not None else ctx.model.gate  # `equal` reads only its K
+        starting = state.anchor_gate if state.anchor_gate is not None else ctx.model.gate  # `equal` reads its K
         with torch.no_grad():
             anchor = anchor_weights(ctx.cfg.train.gate_fused_prior, starting, x)
         loss = loss + ctx.cfg.train.gate_fused_anchor * gate_anchor(gate_logits, anchor)
