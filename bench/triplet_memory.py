@@ -72,12 +72,12 @@ class StoreSampler:
 
 
 def consume(split, rank: int, batch_size: int, epochs: int, step_s: float, counts: list[int],
-            barrier: threading.Barrier, done: list[bool]) -> None:
+            barrier: threading.Barrier, done: list[bool], local_shuffle: bool) -> None:
     """One train worker's reading of its shard, step by step in lockstep with the others (`parallel.agreed`: every
     worker takes a step only while all still have a batch); no shard kept in memory (production's are larger)."""
     from geoloc_ray.train.shards import ShardEpochs
 
-    epochs_of = ShardEpochs(split, batch_size, rank, keep_bytes=0)
+    epochs_of = ShardEpochs(split, batch_size, rank, keep_bytes=0, local_shuffle=local_shuffle)
     for epoch in range(epochs):
         batches = iter(epochs_of.batches(epoch))
         while True:
@@ -122,7 +122,7 @@ def child(args: argparse.Namespace) -> dict:
             splits = data.dataset.streaming_split(args.workers, equal=True)
             barrier, done = threading.Barrier(args.workers), [False] * args.workers
             threads = [threading.Thread(target=consume, args=(s, rank, batch_size, args.epochs, args.step_s, c,
-                                                              barrier, done))
+                                                              barrier, done, not data.shuffled))
                        for rank, (s, c) in enumerate(zip(splits, counts, strict=True))]
             for t in threads:
                 t.start()

@@ -63,6 +63,21 @@ def test_cache_off_or_a_shard_too_big_streams_every_epoch():
         assert shard.streams == 3 and reader.kept is None
 
 
+def test_rows_that_come_shuffled_stream_without_a_local_shuffle_buffer():
+    """A local shuffle buffer held whole decoded blocks in the object store (issue 21); streamed decodes come
+    shuffled (`TrainData.shuffled`), so their workers read them as they come."""
+    asked = []
+
+    class Recording(_Shard):
+        def iter_batches(self, batch_size: int = 256, **kw):
+            asked.append(kw)
+            return super().iter_batches(batch_size)
+
+    for local_shuffle in (True, False):
+        list(ShardEpochs(Recording(_ids(20)), 8, seed=0, keep_bytes=0, local_shuffle=local_shuffle).batches(0))
+    assert asked[0]["local_shuffle_buffer_size"] == 32 and "local_shuffle_buffer_size" not in asked[1]
+
+
 def test_trunk_cache_computes_each_statement_once_and_stays_bounded():
     calls: list[list[str]] = []
 

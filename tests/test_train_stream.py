@@ -75,6 +75,11 @@ def test_mined_rows_stay_ids_until_the_decode_stage_and_are_counted_undecoded(ra
     # today's behaviour, kept for the benchmark: every pixel in the object store before the fit
     materialised = triplets_dataset(Source(uri), SIZE, materialize=True)
     assert isinstance(materialised.dataset, MaterializedDataset) and materialised.rows == ROWS - 1
+    assert not materialised.shuffled  # decoded once in file order: the workers shuffle locally, as before
+    # streamed rows come shuffled (ids shuffled once, blocks reordered every epoch): workers need no local buffer
+    in_file_order = [r["query"] for r in materialised.dataset.iter_rows()]
+    assert data.shuffled and [r["query"] for r in decoded] != in_file_order
+    assert sorted(r["query"] for r in decoded) == sorted(in_file_order)
     assert materialised.dataset.size_bytes() > (ROWS - 1) * pixels_per_row
     # left to the recipe (None), a set this small is decoded once before its fit; past the limit it streams
     assert triplets_dataset(Source(uri), SIZE).ids is None

@@ -123,6 +123,9 @@ class TrainData:
     dataset: Any
     rows: int
     ids: Any = None  # the materialised ids the decode streams from (None: the dataset is itself materialised)
+    # the ids were shuffled globally before the decode, and their blocks come in a new order every epoch: the
+    # workers stream them without a local shuffle buffer (which kept whole decoded blocks in the object store)
+    shuffled: bool = False
 
 
 def images_per_row(kind: str, negatives: int = 0) -> int:
@@ -148,17 +151,27 @@ def _ids(ds, rows_per_block: int):
 MATERIALIZE_UP_TO_BYTES = 1 << 30
 
 
+def _new_block_order_every_epoch(ids):
+    """The ids' blocks in another order at every execution (each Ray Train epoch), reproducibly from seed 0."""
+    from ray.data import RandomSeedConfig
+
+    return ids.randomize_block_order(seed=RandomSeedConfig(seed=0, reseed_after_execution=True))
+
+
 def _decoded(ids, fn, size: int, rows_per_block: int, materialize: bool | None, images: int = 1) -> TrainData:
     """`materialize` None: decide by the decoded size (`MATERIALIZE_UP_TO_BYTES`)."""
-    ds = ids.map_batches(fn, batch_format="numpy", batch_size=rows_per_block, num_cpus=DECODE_CPUS,
-                         fn_kwargs={"size": size, "storage": io.storage_options()})
     rows = ids.count()
     if materialize is None:
         materialize = rows * images * size * size * 3 <= MATERIALIZE_UP_TO_BYTES
+    if not materialize:  # streamed: rows shuffled once as ids (bytes each), blocks reordered every epoch
+        ids = ids.random_shuffle(seed=0).repartition(target_num_rows_per_block=rows_per_block).materialize()
+    decode = ids if materialize else _new_block_order_every_epoch(ids)
+    ds = decode.map_batches(fn, batch_format="numpy", batch_size=rows_per_block, num_cpus=DECODE_CPUS,
+                            fn_kwargs={"size": size, "storage": io.storage_options()})
     if materialize:  # every pixel in the object store before the fit (small sets; benchmarks)
         ds = ds.materialize()
         return TrainData(ds, ds.count())
-    return TrainData(ds, rows, ids)
+    return TrainData(ds, rows, ids, shuffled=True)
 
 
 def pairs_dataset(source: Source, size: int, materialize: bool | None = None) -> TrainData:

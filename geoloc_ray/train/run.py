@@ -92,6 +92,7 @@ def fit_round(cfg: Config, train_hash: str, fits: list[Fit]) -> dict[str, Any]:
         rows = kind_of(fit.job.kind).dataset(fit.source, image_size(cfg))
         job = scheduled(fit.job, rows.rows, fit.job.batch_size or cfg.train.batch_size, fit.min_steps,
                         cfg.train.num_workers)
+        job = dataclasses.replace(job, local_shuffle=not rows.shuffled)
         todo.append((job, rows.dataset, f"{job.name}-{train_hash}", fit.out))
     if not todo:
         return {}

@@ -14,10 +14,14 @@ def _rows(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def streamed(shard: Any, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Stream the shard from Ray Data with a local shuffle; a contrastive step needs at least two rows."""
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                    local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=seed):
+def streamed(shard: Any, batch_size: int, seed: int, local_shuffle: bool = True) -> Iterator[Batch]:
+    """Stream the shard from Ray Data, with a local shuffle unless the rows come shuffled already (a streamed
+    decode: `data.TrainData.shuffled`); a contrastive step needs at least two rows.
+
+    A local shuffle buffer holds views of whole decoded blocks: on a streamed decode it kept them in the object
+    store long after their rows were used, and the store grew with the dataset (docs/BENCHMARKS.md, issue 21)."""
+    shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": seed} if local_shuffle else {}
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", **shuffle):
         if _rows(batch) >= 2:
             yield batch
 
@@ -52,8 +56,9 @@ class ShardEpochs:
     On a small node the streaming competes with the step for the same cores, so a shard that fits is read once.
     """
 
-    def __init__(self, shard: Any, batch_size: int, seed: int, keep_bytes: int):
+    def __init__(self, shard: Any, batch_size: int, seed: int, keep_bytes: int, local_shuffle: bool = True):
         self.shard, self.batch_size, self.seed, self.keep_bytes = shard, batch_size, seed, keep_bytes
+        self.local_shuffle = local_shuffle
         self.kept: Batch | None = None
 
     def batches(self, epoch: int) -> Iterator[Batch]:
@@ -61,7 +66,8 @@ class ShardEpochs:
             yield from from_memory(self.kept, self.batch_size, self.seed + epoch)
             return
         keep: list[Batch] = []
-        yield from kept_while_small(streamed(self.shard, self.batch_size, self.seed + epoch), self.keep_bytes, keep)
+        batches = streamed(self.shard, self.batch_size, self.seed + epoch, self.local_shuffle)
+        yield from kept_while_small(batches, self.keep_bytes, keep)
         if keep:
             self.kept = {k: np.concatenate([b[k] for b in keep]) for k in keep[0]}
 

@@ -52,7 +52,7 @@ def make_context(model, job: JobSpec, cfg: Config, rng: np.random.Generator, dev
     if cfg.preprocess.augment.enabled:
         augment = SatelliteAugment(cfg.preprocess.augment, seed=int(rng.integers(2**31)))
     batch_size = job.batch_size or cfg.train.batch_size
-    epochs = shards.ShardEpochs(shard, batch_size, job.seed, cfg.train.cache_shard_mb * 2**20)
+    epochs = shards.ShardEpochs(shard, batch_size, job.seed, cfg.train.cache_shard_mb * 2**20, job.local_shuffle)
     return StepContext(model, job, cfg, rng, device, epochs, sampler, preprocess, augment,
                        TrunkCache(cfg.train.trunk_cache_items), parallel)
 

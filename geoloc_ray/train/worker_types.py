@@ -46,6 +46,7 @@ class JobSpec:
     other_platform_weight: float | None = None
     batch_size: int | None = None  # rows per worker and step (None: train.batch_size); stage 2 has its own
     grad_cache_chunk: int = 0  # triplets: images through the trainable layers at a time (0: all at once)
+    local_shuffle: bool = True  # shuffle the streamed batches locally (False: the rows come shuffled, `TrainData`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
