@@ -123,9 +123,12 @@ class TrainData:
     dataset: Any
     rows: int
     ids: Any = None  # the materialised ids the decode streams from (None: the dataset is itself materialised)
-    # the ids were shuffled globally before the decode, and their blocks come in a new order every epoch: the
-    # workers stream them without a local shuffle buffer (which kept whole decoded blocks in the object store)
-    shuffled: bool = False
+
+    @property
+    def shuffled(self) -> bool:
+        """A streamed decode's ids were shuffled globally and its blocks come in a new order every epoch: the
+        workers read it without a local shuffle buffer (which kept whole decoded blocks in the object store)."""
+        return self.ids is not None
 
 
 def images_per_row(kind: str, negatives: int = 0) -> int:
@@ -171,7 +174,7 @@ def _decoded(ids, fn, size: int, rows_per_block: int, materialize: bool | None, 
     if materialize:  # every pixel in the object store before the fit (small sets; benchmarks)
         ds = ds.materialize()
         return TrainData(ds, ds.count())
-    return TrainData(ds, rows, ids, shuffled=True)
+    return TrainData(ds, rows, ids)
 
 
 def pairs_dataset(source: Source, size: int, materialize: bool | None = None) -> TrainData:
